@@ -1,0 +1,32 @@
+"""The `moecoder` command line: one typer app, subcommands as typed functions.
+
+Each area keeps its commands in its own module and is registered below; heavy imports
+happen inside the commands so `moecoder --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+app = typer.Typer(help="moecoder: Mixture-of-Experts code models.", no_args_is_help=True, add_completion=False)
+
+
+class UserError(Exception):
+    """An error caused by the user's input: printed as one line, exit code 2."""
+
+
+# --- registrations (one line per area) ---
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

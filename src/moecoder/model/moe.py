@@ -1,0 +1,176 @@
+"""Mixture-of-experts FFN: router, grouped experts, optional shared expert.
+
+Shape legend: N tokens (flattened batch*time), C model dim, F expert hidden dim,
+E routed experts, K experts per token.
+
+Dispatch is dropless: every (token, expert) pair is computed. The fast path sorts the
+N*K assignments by expert and runs one matmul per expert segment (or `torch._grouped_mm`
+on CUDA); `reference_forward` keeps the obviously-correct per-expert loop beside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+
+
+class FeedForward(nn.Module):
+    """SwiGLU FFN: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@dataclass
+class RouterStats:
+    """Per-layer routing statistics returned by forward for training and logging."""
+
+    tokens_per_expert: torch.Tensor  # [E] long, counts of (token, expert) assignments
+    lb_loss: torch.Tensor  # scalar: E * sum_e f_e * P_e (Switch/GShard load-balancing loss)
+    z_loss: torch.Tensor  # scalar: mean(logsumexp(logits)^2) (ST-MoE router z-loss)
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
+        self.score_func, self.norm_topk, self.scale = cfg.score_func, cfg.norm_topk, cfg.routed_scale
+        self.gate = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
+        # Correction bias used for expert *selection* only (aux-loss-free balancing); not trained by SGD.
+        self.register_buffer("bias", torch.zeros(cfg.n_experts) if cfg.routing_bias else None)
+
+    def forward(self, x_NC: torch.Tensor):
+        logits_NE = self.gate(x_NC).float()  # router math in fp32
+        if self.score_func == "softmax":
+            scores_NE = logits_NE.softmax(dim=-1)
+        else:
+            scores_NE = logits_NE.sigmoid()
+        choice_NE = scores_NE if self.bias is None else scores_NE + self.bias.float()
+        _, ids_NK = torch.topk(choice_NE, self.top_k, dim=-1)
+        weights_NK = scores_NE.gather(1, ids_NK)
+        if self.norm_topk:
+            weights_NK = weights_NK / weights_NK.sum(dim=-1, keepdim=True)
+        if self.scale != 1.0:
+            weights_NK = weights_NK * self.scale
+        return logits_NE, scores_NE, weights_NK, ids_NK
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts stored stacked: w13 [E, 2F, C] (gate rows then up rows), w2 [E, C, F]."""
+
+    def __init__(self, n_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.hidden = hidden
+        self.w13 = nn.Parameter(torch.empty(n_experts, 2 * hidden, dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden))
+        self.use_grouped_mm = False  # set by the engine at the edge (helps on CUDA, not on CPU)
+
+    def expert(self, e: int, x_nC: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x_nC, self.w13[e]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.w2[e])
+
+    def forward(self, x_sorted_MC: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
+        """x sorted by expert, counts_E[e] rows for expert e; returns outputs in the same order."""
+        if self.use_grouped_mm and x_sorted_MC.is_cuda:
+            offs = torch.tensor(counts_E, device=x_sorted_MC.device).cumsum(0).to(torch.int32)
+            h = torch._grouped_mm(x_sorted_MC, self.w13.transpose(1, 2), offs=offs)
+            gate, up = h.chunk(2, dim=-1)
+            return torch._grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs=offs)
+        outs, start = [], 0
+        for e, n in enumerate(counts_E):
+            if n:
+                outs.append(self.expert(e, x_sorted_MC[start : start + n]))
+                start += n
+        return torch.cat(outs) if outs else x_sorted_MC.new_zeros(x_sorted_MC.shape)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
+        self.router = Router(cfg)
+        self.experts = GroupedExperts(cfg.n_experts, cfg.dim, cfg.moe_ffn_dim)
+        self.shared = FeedForward(cfg.dim, cfg.n_shared_experts * cfg.shared_ffn_dim) if cfg.n_shared_experts else None
+        self.shared_gate = nn.Linear(cfg.dim, 1, bias=False) if cfg.shared_expert_gate else None
+
+    def _shared(self, x_NC: torch.Tensor) -> torch.Tensor | None:
+        if self.shared is None:
+            return None
+        out = self.shared(x_NC)
+        if self.shared_gate is not None:
+            out = torch.sigmoid(self.shared_gate(x_NC)) * out
+        return out
+
+    def _stats(self, logits_NE, scores_NE, ids_NK) -> RouterStats:
+        counts_E = torch.bincount(ids_NK.flatten(), minlength=self.n_experts)
+        n = ids_NK.shape[0]
+        frac_E = counts_E.float() / max(n * self.top_k, 1)
+        probs_E = (scores_NE / scores_NE.sum(-1, keepdim=True)).mean(0) if n else scores_NE.sum(0)
+        lb = self.n_experts * (frac_E * probs_E).sum()
+        z = torch.logsumexp(logits_NE, dim=-1).pow(2).mean() if n else logits_NE.sum()
+        return RouterStats(counts_E, lb, z)
+
+    def forward(self, x_BTC: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
+        shape = x_BTC.shape
+        x_NC = x_BTC.reshape(-1, shape[-1])
+        logits_NE, scores_NE, weights_NK, ids_NK = self.router(x_NC)
+        stats = self._stats(logits_NE, scores_NE, ids_NK)
+        if x_NC.shape[0] * self.top_k <= self.top_k * 4:
+            out_NC = self._decode_path(x_NC, weights_NK, ids_NK)
+        else:
+            out_NC = self._dispatch(x_NC, weights_NK, ids_NK, stats.tokens_per_expert)
+        shared = self._shared(x_NC)
+        if shared is not None:
+            out_NC = out_NC + shared
+        return out_NC.view(shape), stats
+
+    def _dispatch(self, x_NC, weights_NK, ids_NK, counts_E) -> torch.Tensor:
+        """Sort (token, expert) pairs by expert, run expert segments, scatter-add back weighted."""
+        flat_ids = ids_NK.flatten()
+        order = torch.argsort(flat_ids, stable=True)
+        token_of = order // self.top_k
+        x_sorted = x_NC.index_select(0, token_of)
+        y_sorted = self.experts(x_sorted, counts_E.tolist())
+        w = weights_NK.flatten().index_select(0, order).to(y_sorted.dtype)
+        out = torch.zeros_like(x_NC)
+        out.index_add_(0, token_of, y_sorted * w[:, None])
+        return out
+
+    def _decode_path(self, x_NC, weights_NK, ids_NK) -> torch.Tensor:
+        """Few tokens (decode): loop over each token's experts on weight views, no sort or copies."""
+        out = torch.zeros_like(x_NC)
+        ids, ws = ids_NK.tolist(), weights_NK.to(x_NC.dtype)
+        for n in range(x_NC.shape[0]):
+            x = x_NC[n : n + 1]
+            acc = None
+            for j, e in enumerate(ids[n]):
+                y = self.experts.expert(e, x) * ws[n, j]
+                acc = y if acc is None else acc + y
+            out[n : n + 1] = acc
+        return out
+
+    @torch.no_grad()
+    def reference_forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
+        """Plain per-expert loop: for each expert, the tokens that chose it. For tests."""
+        x_NC = x_BTC.reshape(-1, x_BTC.shape[-1])
+        _, _, weights_NK, ids_NK = self.router(x_NC)
+        out = torch.zeros_like(x_NC)
+        for e in range(self.n_experts):
+            tok, slot = torch.where(ids_NK == e)
+            if tok.numel():
+                out[tok] += self.experts.expert(e, x_NC[tok]) * weights_NK[tok, slot, None].to(x_NC.dtype)
+        shared = self._shared(x_NC)
+        if shared is not None:
+            out = out + shared
+        return out.view(x_BTC.shape)
