@@ -1,0 +1,1 @@
+"""Evaluation in layers: task data -> generation backends -> sandboxed execution -> metrics -> report."""
