@@ -135,9 +135,10 @@ PRESETS: dict[str, ModelConfig] = {
                      top_k=2, moe_ffn_dim=64, max_seq_len=256),
     # The reference config of the benchmarks: 85.7M total / 48.0M active.
     "bench-mixtral": _preset(vocab_size=32000, dim=512, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=1024,
-                             n_experts=8, top_k=2, max_seq_len=4096, rope_theta=1e6),
+                             n_experts=8, top_k=2, norm_topk=True, max_seq_len=4096, rope_theta=1e6),
     "mixtral-8x7b": _preset(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
-                            n_experts=8, top_k=2, rope_theta=1e6, max_seq_len=32768, model_type="mixtral"),
+                            n_experts=8, top_k=2, norm_topk=True, rope_theta=1e6, max_seq_len=32768,
+                            model_type="mixtral"),
     "qwen3-30b-a3b": _preset(vocab_size=151936, dim=2048, n_layers=48, n_heads=32, n_kv_heads=4, head_dim=128,
                              ffn_dim=6144, moe_ffn_dim=768, n_experts=128, top_k=8, norm_topk=True,
                              qk_norm="head", norm_eps=1e-6, rope_theta=1e6, max_seq_len=40960,

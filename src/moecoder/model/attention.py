@@ -87,14 +87,12 @@ class Attention(nn.Module):
         else:
             keys, vals, key_pos = _cache_write(cache, self.layer, k_BKTD, v_BKTD, pos_BT)
             mask = _mask(pos_BT, key_pos, self.window)
-        groups = self.n_heads // self.n_kv
-        if groups > 1:
-            keys = keys.repeat_interleave(groups, dim=1)
-            vals = vals.repeat_interleave(groups, dim=1)
+        # enable_gqa lets SDPA broadcast the K kv heads over the H query heads without copying the cache.
+        gqa = self.n_heads != self.n_kv
         if mask is None:
-            out = F.scaled_dot_product_attention(q_BHTD, keys, vals, is_causal=T > 1)
+            out = F.scaled_dot_product_attention(q_BHTD, keys, vals, is_causal=T > 1, enable_gqa=gqa)
         else:
-            out = F.scaled_dot_product_attention(q_BHTD, keys, vals, attn_mask=mask[:, None])
+            out = F.scaled_dot_product_attention(q_BHTD, keys, vals, attn_mask=mask[:, None], enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
