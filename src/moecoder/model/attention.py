@@ -86,7 +86,10 @@ class Attention(nn.Module):
                 mask = _mask(pos_BT, pos_BT, self.window)
         else:
             keys, vals, key_pos = _cache_write(cache, self.layer, k_BKTD, v_BKTD, pos_BT)
-            mask = _mask(pos_BT, key_pos, self.window)
+            if self.window is None and T > 1 and keys.shape[2] == T:
+                keys, vals, mask = k_BKTD, v_BKTD, None  # fresh prefill: plain causal attention
+            else:
+                mask = _mask(pos_BT, key_pos, self.window)
         # enable_gqa lets SDPA broadcast the K kv heads over the H query heads without copying the cache.
         gqa = self.n_heads != self.n_kv
         if mask is None:
