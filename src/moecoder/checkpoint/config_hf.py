@@ -1,0 +1,180 @@
+"""Hugging Face config.json <-> ModelConfig, for the supported MoE families.
+
+Reads both spellings transformers has used: `rope_theta` + `rope_scaling` (4.x) and
+`rope_parameters` (5.x); `num_experts` and `num_local_experts`; MiniMax-M2 `rotary_dim` and
+`partial_rotary_factor`. Optional fields default to the values transformers 5 uses for the
+family, so a config.json means the same model here as there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import ConfigError, ModelConfig
+from ..model.rope import rope_frequencies
+from .formats import ARCHITECTURES, SUPPORTED, CheckpointError
+
+# transformers 5 defaults for the optional fields, per family.
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mixtral": {"rope_theta": 1e6, "rms_norm_eps": 1e-5, "max_position_embeddings": 131072, "kv": 8},
+    "qwen2_moe": {"rope_theta": 1e4, "rms_norm_eps": 1e-6, "max_position_embeddings": 32768, "kv": 16},
+    "qwen3_moe": {"rope_theta": 1e4, "rms_norm_eps": 1e-6, "max_position_embeddings": 32768, "kv": 4},
+    "olmoe": {"rope_theta": 1e4, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096, "kv": None},
+    "minimax_m2": {"rope_theta": 5e6, "rms_norm_eps": 1e-6, "max_position_embeddings": 196608, "kv": 8},
+}
+_REQUIRED = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+             "num_experts_per_tok"]
+_REQUIRED_EXTRA = {"qwen2_moe": ["moe_intermediate_size", "shared_expert_intermediate_size"],
+                   "qwen3_moe": ["moe_intermediate_size"]}
+
+
+def _model_type(d: dict[str, Any]) -> str:
+    mt = d.get("model_type")
+    if mt not in SUPPORTED:
+        raise CheckpointError(f"unsupported model_type {mt!r}; supported: {', '.join(SUPPORTED)}")
+    return mt
+
+
+def _rope(d: dict[str, Any], mt: str) -> tuple[float, dict | None, float | None]:
+    """(theta, moecoder rope_scaling, partial_rotary_factor) from either spelling."""
+    params = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    theta = params.pop("rope_theta", None) or d.get("rope_theta") or _DEFAULTS[mt]["rope_theta"]
+    partial = params.pop("partial_rotary_factor", None) or d.get("partial_rotary_factor")
+    kind = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    params.pop("type", None)
+    if kind == "default":
+        return float(theta), None, partial
+    if kind in ("yarn", "llama3"):
+        # transformers falls back to max_position_embeddings, and derives a missing yarn factor.
+        orig = params.get("original_max_position_embeddings") or d.get("original_max_position_embeddings")
+        params["original_max_position_embeddings"] = orig or d.get("max_position_embeddings")
+        if kind == "yarn" and params.get("factor") is None and orig:
+            params["factor"] = d["max_position_embeddings"] / orig
+    return float(theta), {"rope_type": kind, **params}, partial
+
+
+def from_hf_config(d: dict[str, Any]) -> ModelConfig:
+    """Translate a Hugging Face config.json dict; CheckpointError names what is missing or unsupported."""
+    mt = _model_type(d)
+    if d.get("quantization_config"):
+        method = d["quantization_config"].get("quant_method", "?")
+        raise CheckpointError(f"quantized checkpoints are not supported (quantization_config: {method})")
+    n_experts = d.get("num_experts", d.get("num_local_experts"))
+    missing = [k for k in _REQUIRED + _REQUIRED_EXTRA.get(mt, []) if d.get(k) is None]
+    if n_experts is None:
+        missing.append("num_local_experts" if mt in ("mixtral", "minimax_m2") else "num_experts")
+    if missing:
+        raise CheckpointError(f"config.json is missing required field(s): {', '.join(missing)}")
+    if d.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"hidden_act {d['hidden_act']!r} is not supported (only silu)")
+    for flag in ("attention_bias", "clip_qkv"):  # qwen3_moe / olmoe options no released model uses
+        if d.get(flag):
+            raise CheckpointError(f"{mt} with {flag}={d[flag]!r} is not supported")
+
+    n_layers, n_heads = d["num_hidden_layers"], d["num_attention_heads"]
+    kv = d.get("num_key_value_heads") or _DEFAULTS[mt]["kv"] or n_heads
+    theta, scaling, partial = _rope(d, mt)
+    kw: dict[str, Any] = dict(
+        model_type=mt, vocab_size=d["vocab_size"], dim=d["hidden_size"], n_layers=n_layers, n_heads=n_heads,
+        n_kv_heads=kv, head_dim=d.get("head_dim"), ffn_dim=d["intermediate_size"],
+        norm_eps=float(d.get("rms_norm_eps") or _DEFAULTS[mt]["rms_norm_eps"]),
+        tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+        max_seq_len=d.get("max_position_embeddings") or _DEFAULTS[mt]["max_position_embeddings"],
+        rope_theta=theta, rope_scaling=scaling, n_experts=n_experts, top_k=d["num_experts_per_tok"],
+        norm_topk=bool(d.get("norm_topk_prob", False)),
+    )
+    if mt in ("qwen2_moe", "qwen3_moe"):
+        kw["moe_ffn_dim"] = d["moe_intermediate_size"]
+        step = d.get("decoder_sparse_step") or 1
+        only = set(d.get("mlp_only_layers") or [])
+        kw["dense_layers"] = tuple(i for i in range(n_layers) if i in only or (i + 1) % step)
+    if mt == "mixtral":
+        kw.update(norm_topk=True, sliding_window=d.get("sliding_window") or None)
+    elif mt == "qwen2_moe":
+        kw.update(qkv_bias=bool(d.get("qkv_bias", True)), n_shared_experts=1, shared_expert_gate=True,
+                  shared_ffn_dim=d["shared_expert_intermediate_size"])
+        if d.get("use_sliding_window"):
+            types = d.get("layer_types") or [
+                "sliding_attention" if (i + 1) % 2 and i < d.get("max_window_layers", 28) else "full_attention"
+                for i in range(n_layers)
+            ]
+            kw.update(sliding_window=d.get("sliding_window") or 4096,
+                      sliding_window_layers=tuple(i for i, t in enumerate(types) if t == "sliding_attention"))
+    elif mt == "qwen3_moe":
+        kw["qk_norm"] = "head"
+        if d.get("use_sliding_window"):
+            kw["sliding_window"] = d.get("sliding_window") or 4096
+    elif mt == "olmoe":
+        kw["qk_norm"] = "full"
+    elif mt == "minimax_m2":
+        head_dim = kw["head_dim"] = d.get("head_dim") or 128  # the MiniMaxM2Config default
+        rotary = d.get("rotary_dim") or (int(head_dim * partial) if partial else None)
+        kw.update(qk_norm="full", score_func="sigmoid", routing_bias=True, norm_topk=True,
+                  rotary_dim=None if rotary == head_dim else rotary)
+    try:
+        cfg = ModelConfig(**kw)
+        rope_frequencies(cfg)  # rejects rope types the model does not implement
+    except (ConfigError, KeyError, TypeError) as e:
+        raise CheckpointError(f"config.json describes an invalid {mt} model: {e}") from None
+    return cfg
+
+
+def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    """config.json for cfg.model_type; CheckpointError if that family cannot express cfg."""
+    mt = _model_type({"model_type": cfg.model_type})
+    d: dict[str, Any] = {
+        "architectures": [ARCHITECTURES[mt]], "model_type": mt, "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+        "max_position_embeddings": cfg.max_seq_len, "num_experts_per_tok": cfg.top_k,
+        "norm_topk_prob": cfg.norm_topk,
+        "rope_parameters": {"rope_type": "default", **(cfg.rope_scaling or {}), "rope_theta": cfg.rope_theta},
+    }
+    experts_key = "num_local_experts" if mt in ("mixtral", "minimax_m2") else "num_experts"
+    d[experts_key] = cfg.n_experts
+    if mt in ("qwen2_moe", "qwen3_moe"):
+        d.update(intermediate_size=cfg.ffn_dim, moe_intermediate_size=cfg.moe_ffn_dim, decoder_sparse_step=1,
+                 mlp_only_layers=list(cfg.dense_layers))
+    else:
+        d["intermediate_size"] = cfg.moe_ffn_dim
+    if mt == "mixtral":
+        d["sliding_window"] = cfg.sliding_window
+    elif mt == "qwen2_moe":
+        d.update(qkv_bias=cfg.qkv_bias, shared_expert_intermediate_size=cfg.n_shared_experts * cfg.shared_ffn_dim)
+        window = cfg.sliding_window is not None
+        layers = range(cfg.n_layers) if cfg.sliding_window_layers is None else cfg.sliding_window_layers
+        d.update(use_sliding_window=window, sliding_window=cfg.sliding_window if window else None,
+                 layer_types=["sliding_attention" if window and i in layers else "full_attention"
+                              for i in range(cfg.n_layers)])
+    elif mt == "qwen3_moe":
+        d.update(use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window)
+    elif mt == "minimax_m2" and cfg.rotary_dim is not None:
+        d["rotary_dim"] = cfg.rotary_dim
+        d["rope_parameters"]["partial_rotary_factor"] = cfg.rotary_dim / cfg.head_dim
+    _check_round_trip(cfg, d)
+    return d
+
+
+def _canonical(cfg: ModelConfig) -> dict[str, Any]:
+    """cfg as a dict with equivalent spellings made equal."""
+    d = cfg.to_dict()
+    if cfg.n_shared_experts > 1:  # several shared experts are one wider FFN
+        d.update(n_shared_experts=1, shared_ffn_dim=cfg.n_shared_experts * cfg.shared_ffn_dim)
+    if cfg.sliding_window is None:
+        d["sliding_window_layers"] = None
+    elif cfg.sliding_window_layers is None:
+        d["sliding_window_layers"] = list(range(cfg.n_layers))
+    else:
+        d["sliding_window_layers"] = sorted(set(cfg.sliding_window_layers))
+    d["dense_layers"] = sorted(set(cfg.dense_layers))
+    return d
+
+
+def _check_round_trip(cfg: ModelConfig, d: dict[str, Any]) -> None:
+    """The family's config must mean exactly cfg; name the fields it cannot express."""
+    want, got = _canonical(cfg), _canonical(from_hf_config(d))
+    diff = sorted(k for k in want if want[k] != got[k])
+    if diff:
+        detail = ", ".join(f"{k}={want[k]!r}" for k in diff)
+        raise CheckpointError(f"a {cfg.model_type} checkpoint cannot express {detail}")

@@ -1,0 +1,308 @@
+"""Load and save Hugging Face checkpoint folders (config.json + safetensors).
+
+Loading builds the Transformer on the `meta` device and fills it tensor by tensor from the
+safetensors files, so host memory peaks near the size of the weights, not twice it:
+tensors used as they are stored come as zero-copy views of the memory-mapped file; tensors
+that need a dtype conversion, another device, or assembly from per-expert pieces are read with
+pread(2) into their destination, so the file's pages never sit in this process beside the copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..config import ModelConfig
+from ..model import Transformer
+from ..model.rope import rope_frequencies
+from .config_hf import from_hf_config, to_hf_config
+from .formats import IGNORED, TABLES, CheckpointError, Piece, fused_table, plan
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: Transformer  # eval mode, weights loaded
+    config: ModelConfig
+    hf_config: dict[str, Any]
+    eos_token_ids: list[int] = field(default_factory=list)
+    bos_token_id: int | None = None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    return d
+
+
+def _hf_config(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist")
+    return folder, _read_json(folder / "config.json")
+
+
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of a checkpoint folder, from its config.json alone (no weights read)."""
+    return from_hf_config(_hf_config(path)[1])
+
+
+def _token_ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, list) else [value])]
+
+
+def _special_tokens(folder: Path, hf: dict[str, Any]) -> tuple[list[int], int | None]:
+    """eos ids from config.json then generation_config.json (which often lists more); bos likewise."""
+    gen = _read_json(folder / "generation_config.json") if (folder / "generation_config.json").exists() else {}
+    eos = []
+    for i in _token_ids(hf.get("eos_token_id")) + _token_ids(gen.get("eos_token_id")):
+        if i not in eos:
+            eos.append(i)
+    bos = hf.get("bos_token_id", gen.get("bos_token_id"))
+    return eos, None if bos is None else int(bos)
+
+
+def _weight_files(folder: Path) -> dict[str, Path]:
+    """Checkpoint tensor name -> file holding it."""
+    if (folder / INDEX).exists():
+        weight_map = _read_json(folder / INDEX).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{folder / INDEX} has no weight_map")
+        missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
+        if missing:
+            raise CheckpointError(f"{folder / INDEX} names shard file(s) that do not exist: {', '.join(missing)}")
+        return {name: folder / f for name, f in weight_map.items()}
+    if not (folder / SINGLE).is_file():
+        raise CheckpointError(f"{folder} has neither {SINGLE} nor {INDEX}")
+    with _open(folder / SINGLE) as f:
+        return {name: folder / SINGLE for name in f.keys()}
+
+
+def _open(path: Path, backend: str = "mmap"):
+    try:
+        return safe_open(path, framework="pt", backend=backend)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+
+
+class _Reader:
+    """Open safetensors files lazily, one mmap and one pread handle per file."""
+
+    def __init__(self):
+        self.handles: dict[tuple[Path, str], Any] = {}
+
+    def get(self, path: Path, name: str, backend: str) -> torch.Tensor:
+        key = (path, backend)
+        if key not in self.handles:
+            self.handles[key] = _open(path, backend)
+        try:
+            return self.handles[key].get_tensor(name)
+        except SafetensorError as e:
+            raise CheckpointError(f"{path}: cannot read tensor {name} ({e})") from None
+
+    def shape(self, path: Path, name: str) -> tuple[int, ...]:
+        key = (path, "mmap")
+        if key not in self.handles:
+            self.handles[key] = _open(path, "mmap")
+        try:
+            return tuple(self.handles[key].get_slice(name).get_shape())
+        except SafetensorError:
+            raise CheckpointError(f"{path} does not contain tensor {name} listed in {INDEX}") from None
+
+
+def _expected_shapes(model: Transformer) -> dict[str, tuple[int, ...]]:
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        shapes.pop("lm_head.weight")  # the same tensor as embed.weight
+    return shapes
+
+
+def _check_names(plans: dict[str, list[Piece]], files: dict[str, Path], tied: bool) -> None:
+    wanted = {p.name for pieces in plans.values() for p in pieces}
+    missing = sorted(wanted - set(files))
+    tolerated = {"lm_head.weight"} if tied else set()  # some tied checkpoints store both copies
+    unexpected = sorted(n for n in set(files) - wanted - tolerated if not IGNORED.search(n))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing tensor(s): {_names(missing)}")
+        if unexpected:
+            parts.append(f"unexpected tensor(s): {_names(unexpected)}")
+        raise CheckpointError("checkpoint does not match its config.json: " + "; ".join(parts))
+
+
+def _names(names: list[str], limit: int = 12) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" ... and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu") -> LoadedCheckpoint:
+    """Load a Hugging Face checkpoint folder of a supported model type into a moecoder Transformer.
+
+    Accepts a single model.safetensors or shards with model.safetensors.index.json, experts
+    stored per expert (released checkpoints) or fused (transformers 5). Every tensor is checked
+    by name and shape; any mismatch raises one CheckpointError naming the tensors.
+    """
+    folder, hf = _hf_config(path)
+    cfg = from_hf_config(hf)
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    files = _weight_files(folder)
+    fused = any(n.endswith(".experts.gate_up_proj") for n in files)
+    table = fused_table(TABLES[cfg.model_type]) if fused else TABLES[cfg.model_type]
+    plans = plan(table, _expected_shapes(model))
+    _check_names(plans, files, cfg.tie_embeddings)
+
+    reader = _Reader()
+    state: dict[str, torch.Tensor] = {}
+    for name, pieces in plans.items():
+        for p in pieces:
+            found = reader.shape(files[p.name], p.name)
+            if found != p.shape:
+                raise CheckpointError(f"tensor {p.name}: expected shape {list(p.shape)}, found {list(found)}")
+        state[name] = _assemble(reader, files, pieces, dtype, device)
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["embed.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    # Non-persistent buffers are not in the checkpoint: recompute them off the meta device.
+    model.inv_freq = rope_frequencies(cfg)[0].to(device)
+    eos, bos = _special_tokens(folder, hf)
+    return LoadedCheckpoint(model.eval(), cfg, hf, eos, bos)
+
+
+def _assemble(reader: _Reader, files, pieces: list[Piece], dtype, device) -> torch.Tensor:
+    if len(pieces) == 1 and pieces[0].index == ():
+        p = pieces[0]
+        t = reader.get(files[p.name], p.name, "mmap")
+        if t.dtype == dtype and device.type == "cpu":
+            return t  # zero-copy view of the mapped file (copy-on-write if modified)
+        del t
+        return reader.get(files[p.name], p.name, "pread").to(device=device, dtype=dtype)
+    shape = _stacked_shape(pieces)
+    out = torch.empty(shape, dtype=dtype, device=device)
+    for p in pieces:
+        out[p.index].copy_(reader.get(files[p.name], p.name, "pread"))
+    return out
+
+
+def _stacked_shape(pieces: list[Piece]) -> tuple[int, ...]:
+    n_experts = max(p.index[0] for p in pieces) + 1
+    if len(pieces[0].index) == 2:  # (gate, up) halves of [2F, C]
+        f, *rest = pieces[0].shape
+        return (n_experts, 2 * f, *rest)
+    return (n_experts, *pieces[0].shape)
+
+
+def save_checkpoint(
+    model: Transformer,
+    path: str | os.PathLike,
+    *,
+    max_shard_bytes: int = 2**30,
+    tokenizer_dir: str | os.PathLike | None = None,
+    extra_config: dict[str, Any] | None = None,
+) -> Path:
+    """Write `model` as a Hugging Face folder of its cfg.model_type, loadable by transformers.
+
+    Tensors use the released per-expert naming (what transformers itself writes), in shards of
+    at most max_shard_bytes with an index when more than one is needed. The folder is written
+    beside `path` and renamed into place, so readers never see a half-written checkpoint.
+    extra_config entries (e.g. eos_token_id) are merged into config.json.
+    """
+    cfg: ModelConfig = model.cfg
+    hf = to_hf_config(cfg)
+    hf.update(extra_config or {})
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        state = model.state_dict()
+        shapes = _expected_shapes(model)
+        plans = plan(TABLES[cfg.model_type], shapes)
+        pieces = [(state[name], p) for name, ps in plans.items() for p in ps]
+        dtype = state["embed.weight"].dtype
+        hf["dtype"] = str(dtype).removeprefix("torch.")
+        _write_shards(tmp, pieces, max_shard_bytes)
+        with open(tmp / "config.json", "w") as f:
+            json.dump(hf, f, indent=2, sort_keys=True)
+        if tokenizer_dir is not None:
+            _copy_tokenizer(Path(tokenizer_dir), tmp)
+        _replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _write_shards(folder: Path, pieces: list[tuple[torch.Tensor, Piece]], max_shard_bytes: int) -> None:
+    shards: list[list[tuple[torch.Tensor, Piece]]] = [[]]
+    size = 0
+    for t, p in pieces:
+        n = t[p.index].numel() * t.element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((t, p))
+        size += n
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(_materialise(shards[0]), folder / SINGLE, metadata=meta)
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        tensors = _materialise(shard)
+        save_file(tensors, folder / fname, metadata=meta)
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update({name: fname for name in tensors})
+    with open(folder / INDEX, "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def _materialise(shard: list[tuple[torch.Tensor, Piece]]) -> dict[str, torch.Tensor]:
+    # safetensors refuses views that share storage, so expert slices are copied (one shard at a time).
+    return {p.name: t.detach()[p.index].to("cpu").contiguous().clone() if p.index else
+            t.detach().to("cpu").contiguous() for t, p in shard}
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    if not (src / "tokenizer.json").is_file():
+        raise CheckpointError(f"tokenizer_dir {src} has no tokenizer.json")
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """Rename tmp to target; an existing target is moved aside first and removed after."""
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
