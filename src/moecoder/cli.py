@@ -18,6 +18,9 @@ class UserError(Exception):
 
 
 # --- registrations (one line per area) ---
+from moecoder.train.data_cli import data_app, tokenizer_app  # noqa: E402  (D1: training data)
+app.add_typer(data_app, name="data")
+app.add_typer(tokenizer_app, name="tokenizer")
 
 
 def main() -> None:
