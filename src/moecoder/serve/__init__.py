@@ -1,0 +1,1 @@
+"""Serving: a continuous-batching engine (engine.py) behind an OpenAI-compatible HTTP API (api.py)."""

@@ -1,0 +1,411 @@
+"""Continuous-batching generation engine, run on its own thread.
+
+Every running sequence owns one row ("slot") of a static KV cache. Rows 0..n-1 are always
+the running sequences (a finished row is refilled by moving the last row into it), so one
+decode step is one forward over a `[n, 1]` batch. New requests join at step boundaries: their
+prompts are prefilled straight into free rows through a row-window view of the same cache,
+then they decode with everyone else. Finished or cancelled sequences leave at the next step
+without stalling the others.
+
+The engine works on token ids; text appears only at its edge (incremental detokenisation and
+stop strings), so HTTP handlers receive ready-to-send text deltas through a callback.
+"""
+
+from __future__ import annotations
+
+import collections
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence as Seq
+
+import torch
+
+from ..model import KVCache, Transformer
+
+
+class TextCodec(Protocol):
+    """What the engine needs from a tokenizer."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Seq[int]) -> str: ...
+
+
+class QueueFull(Exception):
+    """The waiting queue is at --max-queue; the client should retry later."""
+
+    def __init__(self, retry_after_s: int):
+        super().__init__(f"server is at capacity; retry after {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class EngineStopped(RuntimeError):
+    """The engine thread is not running."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Event:
+    """One update of one sequence, delivered to its sink on the engine thread."""
+
+    index: int  # choice index within its request
+    text: str  # new text since the previous event (may be empty)
+    completion_tokens: int  # generated so far
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One generation: a prompt, its sampling parameters and where its events go."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    sink: Callable[[Event], None]
+    index: int = 0
+    arrival: float = field(default_factory=time.perf_counter)
+    # --- engine state ---
+    out_ids: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    finish_reason: str | None = None
+    last_token_time: float | None = None
+
+    def __post_init__(self) -> None:
+        self.generator = torch.Generator()
+        seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
+        self.generator.manual_seed((seed + self.index) % (2**63))
+
+
+class StopTextStream:
+    """Incremental detokenisation plus stop strings, holding back text that may start a stop.
+
+    Text is decoded over a short window of recent ids so each step costs O(window), and a
+    trailing U+FFFD (an unfinished UTF-8 sequence of byte-level tokens) is held until complete.
+    """
+
+    def __init__(self, codec: TextCodec, stop: tuple[str, ...]):
+        self.codec, self.stop = codec, tuple(s for s in stop if s)
+        self.ids: list[int] = []
+        self.prefix, self.read = 0, 0
+        self.text, self.sent = "", 0
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """Add one token; return (text safe to send now, whether a stop string was hit)."""
+        self.ids.append(token)
+        before = self.codec.decode(self.ids[self.prefix : self.read])
+        now = self.codec.decode(self.ids[self.prefix :])
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self.text += now[len(before) :]
+            self.prefix, self.read = self.read, len(self.ids)
+        return self._release(final=False)
+
+    def flush(self) -> str:
+        """The held-back remainder at the end of generation."""
+        rest = self.codec.decode(self.ids[self.prefix :])
+        done = self.codec.decode(self.ids[self.prefix : self.read])
+        self.text += rest[len(done) :]
+        self.prefix = self.read = len(self.ids)
+        return self._release(final=True)[0]
+
+    def _release(self, final: bool) -> tuple[str, bool]:
+        # A stop match always starts at or after `sent`: any earlier start would have been held back.
+        hits = [i for i in (self.text.find(s, self.sent) for s in self.stop) if i >= 0]
+        if hits:
+            end = min(hits)
+            out, self.sent = self.text[self.sent : end], end
+            self.text = self.text[:end]
+            return out, True
+        end = len(self.text) if final else len(self.text) - self._held()
+        out, self.sent = self.text[self.sent : end], max(self.sent, end)
+        return out, False
+
+    def _held(self) -> int:
+        """Length of the longest suffix of the unsent text that is a proper prefix of a stop string."""
+        tail = self.text[self.sent :]
+        best = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(tail)), best, -1):
+                if tail.endswith(s[:k]):
+                    best = k
+                    break
+        return best
+
+
+def kv_bytes_per_token(model: Transformer, dtype: torch.dtype) -> int:
+    cfg = model.cfg
+    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def _row_view(cache: KVCache, start: int, stop: int) -> KVCache:
+    """A KVCache whose rows are cache rows start..stop-1, sharing storage (writes land in `cache`)."""
+    view = KVCache.__new__(KVCache)
+    view.k = [t[start:stop] for t in cache.k]
+    view.v = [t[start:stop] for t in cache.v]
+    view.pos = cache.pos[start:stop]
+    view.max_len = cache.max_len
+    return view
+
+
+class Engine:
+    """Continuous-batching generator over one model; thread-safe `submit` / `cancel`.
+
+    `max_batch` rows of `max_context` positions are allocated up front; `kv_budget_mb` (if
+    given) lowers the row count to what fits. Requests wait in a queue of at most `max_queue`
+    (then `QueueFull`) until a row is free.
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        codec: TextCodec,
+        eos_token_ids: Seq[int],
+        *,
+        max_batch: int = 8,
+        max_context: int | None = None,
+        max_queue: int = 64,
+        kv_budget_mb: float | None = None,
+        prefill_tokens: int = 4096,
+        metrics=None,
+    ):
+        self.model = model.eval()
+        self.codec = codec
+        self.eos = frozenset(int(t) for t in eos_token_ids)
+        self.max_context = int(max_context or model.cfg.max_seq_len)
+        if not 1 <= self.max_context <= model.cfg.max_seq_len:
+            raise ValueError(f"max_context must be in 1..{model.cfg.max_seq_len} (the model's max_seq_len)")
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        per_row = kv_bytes_per_token(model, self.dtype) * self.max_context
+        slots = max_batch
+        if kv_budget_mb is not None:
+            slots = min(max_batch, int(kv_budget_mb * 2**20 // per_row))
+            if slots < 1:
+                raise ValueError(
+                    f"--kv-budget-mb {kv_budget_mb} holds no sequence of --max-context {self.max_context} "
+                    f"(one needs {per_row / 2**20:.2f} MiB)"
+                )
+        self.slots = slots
+        self.max_queue = max_queue
+        self.prefill_tokens = prefill_tokens
+        self.cache = KVCache(model.cfg, slots, self.max_context, self.dtype, device=self.device)
+        self.metrics = metrics
+        self.running: list[Sequence] = []  # running[i] lives in cache row i
+        self.streams: list[StopTextStream] = []
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.error: BaseException | None = None
+        self.steps = 0
+
+    # --- public, any thread ---
+    def start(self) -> "Engine":
+        self._thread = threading.Thread(target=self._loop, name="moecoder-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, seqs: list[Sequence]) -> None:
+        """Queue sequences (all or none). Raises QueueFull when the queue cannot take them all."""
+        for s in seqs:
+            need = len(s.prompt_ids) + s.params.max_tokens
+            if need > self.max_context:
+                raise ValueError(f"prompt + max_tokens = {need} tokens exceeds the context limit {self.max_context}")
+        with self._cv:
+            if not self.alive:
+                raise EngineStopped("the generation engine is not running")
+            if len(self.waiting) + len(seqs) > self.max_queue:
+                raise QueueFull(self._retry_after())
+            self.waiting.extend(seqs)
+            self._cv.notify()
+
+    def cancel(self, seqs: list[Sequence]) -> None:
+        """Mark sequences cancelled; their rows are freed at the next step boundary."""
+        with self._cv:
+            for s in seqs:
+                s.cancelled = True
+            self._cv.notify()
+
+    def stats(self) -> dict[str, int | float]:
+        with self._cv:
+            used = int(self.cache.pos[: len(self.running)].sum()) if self.running else 0
+            return {
+                "running": len(self.running),
+                "waiting": len(self.waiting),
+                "slots": self.slots,
+                "kv_used_tokens": used,
+                "kv_capacity_tokens": self.slots * self.max_context,
+            }
+
+    # --- engine thread ---
+    def _retry_after(self) -> int:
+        return 1 + len(self.waiting) // max(1, self.slots)
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while not self._stop and not self.running and not self.waiting:
+                        self._cv.wait()
+                    if self._stop:
+                        break
+                    self._drop_cancelled()
+                    admit = self._take_admissions()
+                with torch.inference_mode():
+                    if admit:
+                        self._prefill(admit)
+                    if self.running:
+                        self._decode_step()
+        except BaseException as e:  # noqa: BLE001 - reported to every waiter, then /health goes 503
+            self.error = e
+            with self._cv:
+                for s in list(self.running) + list(self.waiting):
+                    self._emit(s, Event(s.index, "", len(s.out_ids), "error"))
+                self.running.clear()
+                self.waiting.clear()
+            raise
+        finally:
+            with self._cv:
+                for s in list(self.running) + list(self.waiting):
+                    self._emit(s, Event(s.index, "", len(s.out_ids), "cancelled"))
+                self.running.clear()
+                self.waiting.clear()
+
+    def _drop_cancelled(self) -> None:
+        if any(s.cancelled for s in self.waiting):
+            self.waiting = collections.deque(s for s in self.waiting if not s.cancelled)
+        for row in reversed(range(len(self.running))):
+            if self.running[row].cancelled:
+                self._free(row, "cancelled")
+
+    def _take_admissions(self) -> list[Sequence]:
+        admit: list[Sequence] = []
+        longest = 0
+        while self.waiting and len(self.running) + len(admit) < self.slots:
+            nxt = self.waiting[0]
+            longest2 = max(longest, len(nxt.prompt_ids))
+            # Right-padded prefill costs rows * longest; cap it so decoding rows are not stalled long.
+            if admit and longest2 * (len(admit) + 1) > self.prefill_tokens:
+                break
+            admit.append(self.waiting.popleft())
+            longest = longest2
+        return admit
+
+    def _prefill(self, admit: list[Sequence]) -> None:
+        n0, m = len(self.running), len(admit)
+        lens = torch.tensor([len(s.prompt_ids) for s in admit], device=self.device)
+        tokens = torch.zeros(m, int(lens.max()), dtype=torch.long, device=self.device)
+        for i, s in enumerate(admit):
+            tokens[i, : len(s.prompt_ids)] = torch.tensor(s.prompt_ids)
+        view = _row_view(self.cache, n0, n0 + m)
+        view.pos.zero_()
+        logits = self.model(tokens, cache=view, logits_at=lens - 1).logits[:, -1]
+        self.cache.pos[n0 : n0 + m] = lens  # the padded tail is garbage that decode overwrites
+        with self._cv:
+            self.running.extend(admit)
+            self.streams.extend(StopTextStream(self.codec, s.params.stop) for s in admit)
+        if self.metrics is not None:
+            self.metrics.prompt_tokens.inc(int(lens.sum()))
+        self._sample_and_emit(logits, rows=range(n0, n0 + m))
+
+    def _decode_step(self) -> None:
+        n = len(self.running)
+        last = torch.tensor([s.out_ids[-1] for s in self.running], device=self.device)[:, None]
+        logits = self.model(last, cache=_row_view(self.cache, 0, n)).logits[:, -1]
+        self.steps += 1
+        self._sample_and_emit(logits, rows=range(n))
+
+    def _sample_and_emit(self, logits_NV: torch.Tensor, rows: range) -> None:
+        seqs = [self.running[r] for r in rows]
+        tokens = sample(logits_NV.float(), [s.params for s in seqs], [s.generator for s in seqs])
+        now = time.perf_counter()
+        finished: list[tuple[int, str]] = []
+        for r, s, tok in zip(rows, seqs, tokens):
+            s.out_ids.append(tok)
+            if self.metrics is not None:
+                if s.last_token_time is None:
+                    self.metrics.ttft.observe(now - s.arrival)
+                else:
+                    self.metrics.itl.observe(now - s.last_token_time)
+                self.metrics.generation_tokens.inc()
+            s.last_token_time = now
+            stream = self.streams[r]
+            if tok in self.eos:
+                text, reason = stream.flush(), "stop"
+            else:
+                text, hit = stream.push(tok)
+                reason = "stop" if hit else None
+                if reason is None and len(s.out_ids) >= s.params.max_tokens:
+                    text, reason = text + stream.flush(), "length"
+            self._emit(s, Event(s.index, text, len(s.out_ids), reason))
+            if reason is not None:
+                finished.append((r, reason))
+        for r, reason in sorted(finished, reverse=True):
+            self.running[r].finish_reason = reason
+            self._free(r, None)
+
+    def _free(self, row: int, reason: str | None) -> None:
+        """Remove running[row]; move the last row into its place so rows stay contiguous."""
+        with self._cv:
+            s = self.running[row]
+            last = len(self.running) - 1
+            if row != last:
+                p = int(self.cache.pos[last])
+                for kv in (self.cache.k, self.cache.v):
+                    for t in kv:
+                        t[row, :, :p] = t[last, :, :p]
+                self.cache.pos[row] = p
+                self.running[row], self.streams[row] = self.running[last], self.streams[last]
+            self.running.pop()
+            self.streams.pop()
+        if reason is not None:
+            s.finish_reason = reason
+            self._emit(s, Event(s.index, "", len(s.out_ids), reason))
+
+    @staticmethod
+    def _emit(s: Sequence, ev: Event) -> None:
+        try:
+            s.sink(ev)
+        except Exception:  # noqa: BLE001 - a client's closed event loop must not stop the engine
+            pass
+
+
+def sample(logits_NV: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator]) -> list[int]:
+    """One token per row: greedy where temperature == 0, else temperature + nucleus (top-p) sampling.
+
+    Each row draws from its own generator, so a seeded request gives the same tokens whatever
+    else is in the batch.
+    """
+    out = logits_NV.argmax(-1).tolist()
+    for i, (p, g) in enumerate(zip(params, gens)):
+        if p.temperature <= 0:
+            continue
+        probs = torch.softmax(logits_NV[i] / p.temperature, dim=-1)
+        if p.top_p < 1.0:
+            sorted_p, idx = probs.sort(descending=True)
+            # keep the smallest prefix whose mass reaches top_p (always at least the top token)
+            keep = (sorted_p.cumsum(0) - sorted_p) < p.top_p
+            probs = torch.zeros_like(probs).scatter_(0, idx[keep], sorted_p[keep])
+        out[i] = int(torch.multinomial(probs.cpu(), 1, generator=g))
+    return out
