@@ -1,0 +1,190 @@
+"""What the three workflow tasks share: prompts from data files, syntax verdicts, sandbox runs, reports.
+
+A workflow's hidden checks run in a harness process next to the candidate's code. The harness only
+*measures* (losses, counts, rows) and prints one report line; the trusted parent side decides which
+checks passed, so a check's rule never lives in the process the candidate controls.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+from moecoder.evals.types import Prompt, Status, Verdict
+
+REPORT_MARKER = "@@WORKFLOW-REPORT"
+
+
+def data_dir(workflow: str) -> Path:
+    """Folder holding a workflow's prompt, harness, reference and flawed solutions."""
+    return Path(str(resources.files("moecoder.evals.tasks.workflows") / "data" / workflow))
+
+
+def read_tree(root: Path) -> dict[str, str]:
+    """All text files under `root`, keyed by their path relative to it (posix separators)."""
+    return {
+        p.relative_to(root).as_posix(): p.read_text()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.suffix in {".py", ".md", ".txt", ".json"} and "__pycache__" not in p.parts
+    }
+
+
+def make_prompts(task_id: str, text: str) -> dict[str, Prompt]:
+    """Workflows are instruction tasks; the completion style sends the same text unchallenged."""
+    messages = [{"role": "user", "content": text}]
+    return {
+        "instruction": Prompt(task_id, text, messages, template_id=f"{task_id}-instruction@1"),
+        "completion": Prompt(task_id, text, messages, template_id=f"{task_id}-completion@1"),
+    }
+
+
+def compile_files(code: dict[str, str]) -> tuple[int, str]:
+    """How many files compile(), and the first error as one line."""
+    ok, first_error = 0, ""
+    for path, source in sorted(code.items()):
+        try:
+            compile(source, path, "exec")
+            ok += 1
+        except (SyntaxError, ValueError) as e:  # ValueError: source with NUL bytes
+            first_error = first_error or f"{path}: {type(e).__name__}: {e}"
+    return ok, first_error
+
+
+def syntax_verdict(code: dict[str, str], checks_total: int, required: list[str]) -> Verdict | None:
+    """A SYNTAX/EXTRACT verdict when the answer cannot run at all, else None (go on and run checks)."""
+    py = {p: s for p, s in code.items() if p.endswith(".py")}
+    if not py:
+        return Verdict(Status.EXTRACT, 0, checks_total, syntax_ok=False, detail="no Python files in the answer")
+    ok, err = compile_files(py)
+    if ok < len(py):
+        return Verdict(Status.SYNTAX, 0, checks_total, syntax_ok=False, files_compiled=ok, files_total=len(py),
+                       detail=err)
+    missing = [r for r in required if r not in code]
+    if missing:
+        return Verdict(Status.FAIL, 0, checks_total, syntax_ok=True, files_compiled=ok, files_total=len(py),
+                       detail=f"missing required file(s): {', '.join(missing)}")
+    return None
+
+
+@dataclass
+class RunOutcome:
+    """One harness run: the sandbox's result plus the parsed report (None when none was printed)."""
+
+    result: Any
+    report: dict[str, Any] | None
+
+    def failure_status(self) -> Status | None:
+        """TIMEOUT/MEMORY/CRASH when the run itself went wrong, None when a report came back."""
+        if getattr(self.result, "timed_out", False):
+            return Status.TIMEOUT
+        if getattr(self.result, "memory_exceeded", False):
+            return Status.MEMORY
+        if self.report is None:
+            return Status.CRASH
+        return None
+
+    def error_line(self) -> str:
+        lines = [ln for ln in (self.result.stderr or "").splitlines() if ln.strip()]
+        return lines[-1][:300] if lines else f"exit code {self.result.returncode}, no report"
+
+
+@dataclass
+class _PlainResult:
+    returncode: int
+    stdout: str
+    stderr: str
+    timed_out: bool
+    memory_exceeded: bool = False
+    output_truncated: bool = False
+    wall_s: float = 0.0
+    signal: int | None = None
+
+
+def _plain_run(argv: list[str], files: dict[str, str], wall_s: float, stdin: str | None) -> _PlainResult:
+    """Unisolated stand-in used only while moecoder.evals.sandbox does not exist yet."""
+    with tempfile.TemporaryDirectory(prefix="moecoder-wf-") as tmp:
+        for rel, text in files.items():
+            dest = Path(tmp) / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_text(text)
+        t0 = time.monotonic()
+        try:
+            p = subprocess.run(argv, cwd=tmp, input=stdin, capture_output=True, text=True, timeout=wall_s)
+            return _PlainResult(p.returncode, p.stdout, p.stderr, False, wall_s=time.monotonic() - t0,
+                                signal=-p.returncode if p.returncode < 0 else None)
+        except subprocess.TimeoutExpired as e:
+            out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+            err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+            return _PlainResult(-9, out, err, True, wall_s=time.monotonic() - t0)
+
+
+def run_harness(
+    sandbox: Any,
+    files: dict[str, str],
+    script: str,
+    config: dict[str, Any],
+    *,
+    wall_s: float = 60.0,
+    memory_mb: int = 2048,
+) -> RunOutcome:
+    """Run `python <script>` with `files` in the sandbox; the harness reads `config` (JSON) on stdin.
+
+    The report marker carries a fresh nonce that the harness reads from stdin before it imports any
+    candidate code, so a candidate cannot print a report that the parent would take for the harness's.
+    """
+    nonce = secrets.token_hex(8)
+    payload = json.dumps({**config, "report_marker": f"{REPORT_MARKER}-{nonce}"})
+    argv = [sys.executable, "-B", script]
+    result = _sandbox_run(sandbox, argv, files, wall_s=wall_s, memory_mb=memory_mb, stdin=payload)
+    return RunOutcome(result, parse_report(result.stdout or "", f"{REPORT_MARKER}-{nonce}"))
+
+
+def parse_report(stdout: str, marker: str) -> dict[str, Any] | None:
+    for line in reversed(stdout.splitlines()):
+        if line.startswith(marker + " "):
+            try:
+                return json.loads(line[len(marker) + 1:])
+            except json.JSONDecodeError:
+                return None
+    return None
+
+
+def _sandbox_run(sandbox: Any, argv: list[str], files: dict[str, str], *, wall_s: float, memory_mb: int,
+                 stdin: str | None) -> Any:
+    try:
+        from moecoder.evals.sandbox import SandboxLimits  # engineer F's module
+    except ImportError:
+        return _plain_run(argv, files, wall_s, stdin)
+    if sandbox is None:
+        from moecoder.evals.sandbox import Sandbox
+
+        sandbox = Sandbox()
+    limits = SandboxLimits(wall_s=wall_s, cpu_s=wall_s, memory_mb=memory_mb, fsize_mb=64, nofile=256,
+                           output_bytes=1 << 20)
+    return sandbox.run(argv, files=files, limits=limits, stdin=stdin)
+
+
+def decide(checks: list[tuple[str, Callable[[], bool]]], base: Verdict) -> Verdict:
+    """Apply named check rules (run on the trusted side) and fill in status, counts and the first failure."""
+    failed: list[str] = []
+    for name, rule in checks:
+        try:
+            ok = bool(rule())
+        except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError):
+            ok = False  # a measurement missing or malformed counts as a failed check
+        base.measurements.setdefault("checks", {})[name] = ok
+        if not ok:
+            failed.append(name)
+    base.checks_total = len(checks)
+    base.checks_passed = len(checks) - len(failed)
+    base.status = Status.PASS if not failed else Status.FAIL
+    base.detail = "all checks passed" if not failed else "failed: " + ", ".join(failed)
+    return base
