@@ -1,0 +1,207 @@
+"""moecoder vs transformers on tiny random checkpoints of each supported family.
+
+Each test builds a small random model with transformers at test time (norms, biases and the
+MiniMax-M2 routing-correction bias randomised too, since they start at constants), writes it
+to disk and loads it with moecoder: fp32 logits agree within 1e-4 and 32-token greedy
+continuations are identical. The reverse direction saves a moecoder model and loads it with
+transformers.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+transformers = pytest.importorskip("transformers")
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+
+from moecoder.checkpoint import from_hf_config, load_checkpoint, save_checkpoint  # noqa: E402
+from moecoder.model import KVCache, Transformer  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+
+_BASE = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=24, num_experts_per_tok=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+# One config per family, each switching on the family's distinctive options.
+FAMILIES = {
+    "mixtral": dict(num_local_experts=4, sliding_window=7, rope_theta=1e4),
+    "qwen2_moe": dict(num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=20, norm_topk_prob=False,
+                      mlp_only_layers=[1], use_sliding_window=True, sliding_window=6, max_window_layers=2),
+    "qwen3_moe": dict(num_experts=6, moe_intermediate_size=16, head_dim=16, norm_topk_prob=True, decoder_sparse_step=1,
+                      rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                                       "original_max_position_embeddings": 16}, max_position_embeddings=64),
+    "olmoe": dict(num_experts=4, norm_topk_prob=False, tie_word_embeddings=True),
+    "minimax_m2": dict(num_local_experts=6, head_dim=16, rotary_dim=8),
+}
+
+FP32_ATOL = 1e-4
+# bf16: both implementations round weights and activations to bf16, in different op orders,
+# and a rounding difference can flip a near-tie expert choice for a token, which moves that
+# token's logits by O(1) on either side. So the bf16 check is against the fp32 reference:
+# moecoder's mean |error| must be within BF16_ERROR_RATIO of transformers' own bf16 error.
+# Measured on these configs, seeds 3..7 (25 cases): ratio 0.5..1.67 (worst: mixtral seed 3,
+# 0.063 vs 0.038, logits of magnitude ~6); max |moecoder - transformers| in bf16 was 0.07..2.8.
+BF16_ERROR_RATIO = 2.0
+
+
+def _hf_model(model_type: str, seed: int = 0):
+    cfg = AutoConfig.for_model(model_type, **{**_BASE, **FAMILIES[model_type]})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            else:  # large enough that greedy tokens and expert choices are not near-ties
+                p.normal_(0, 0.3 if p.dim() > 1 else 0.1)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.2)
+    return model
+
+
+def _greedy(model: Transformer, prompt: torch.Tensor, n: int) -> torch.Tensor:
+    """Plain greedy decoding through the KV cache: prefill, then one token at a time."""
+    cache = KVCache(model.cfg, prompt.shape[0], prompt.shape[1] + n, next(model.parameters()).dtype)
+    out = []
+    with torch.no_grad():
+        logits = model(prompt, cache=cache).logits[:, -1]
+        for _ in range(n):
+            tok = logits.argmax(-1, keepdim=True)
+            out.append(tok)
+            logits = model(tok, cache=cache).logits[:, -1]
+    return torch.cat(out, 1)
+
+
+def _prompt(vocab: int, batch: int = 2, length: int = 11) -> torch.Tensor:
+    return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(7))
+
+
+def _write_fused(hf_model, folder) -> None:
+    """The transformers-5 in-memory naming on disk: experts as gate_up_proj / down_proj stacks."""
+    folder.mkdir()
+    hf_model.config.to_json_file(folder / "config.json")
+    state = {k: v.contiguous() for k, v in hf_model.state_dict().items()}
+    if hf_model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in state)
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def _write_per_expert(hf_model, folder) -> None:
+    """Released-checkpoint naming written by hand from the fused tensors."""
+    folder.mkdir()
+    hf_model.config.to_json_file(folder / "config.json")
+    mixtral_like = hf_model.config.model_type in ("mixtral", "minimax_m2")
+    names = ("w1", "w3", "w2") if mixtral_like else ("gate_proj", "up_proj", "down_proj")
+    state = {}
+    for k, v in hf_model.state_dict().items():
+        if k == "lm_head.weight" and hf_model.config.tie_word_embeddings:
+            continue
+        block = k.replace(".mlp.", ".block_sparse_moe.") if mixtral_like else k
+        if k.endswith("experts.gate_up_proj"):
+            prefix = block.removesuffix("gate_up_proj")
+            for e, w in enumerate(v):
+                gate, up = w.chunk(2, dim=0)
+                state[f"{prefix}{e}.{names[0]}.weight"] = gate.clone()
+                state[f"{prefix}{e}.{names[1]}.weight"] = up.clone()
+        elif k.endswith("experts.down_proj"):
+            prefix = block.removesuffix("down_proj")
+            for e, w in enumerate(v):
+                state[f"{prefix}{e}.{names[2]}.weight"] = w.clone()
+        elif mixtral_like and ".mlp." in k:
+            state[block] = v.contiguous()
+        else:
+            state[k] = v.contiguous()
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_save_pretrained_logits_and_greedy_match(model_type, tmp_path):
+    hf = _hf_model(model_type)
+    hf.save_pretrained(tmp_path / "ckpt")
+    ckpt = load_checkpoint(tmp_path / "ckpt")
+    assert ckpt.config.model_type == model_type
+    assert ckpt.eos_token_ids == [2] and ckpt.bos_token_id == 1
+    prompt = _prompt(hf.config.vocab_size)
+    with torch.no_grad():
+        ref = hf(prompt).logits
+        ours = ckpt.model(prompt).logits
+    assert (ours - ref).abs().max().item() <= FP32_ATOL
+
+    ref_tokens = hf.generate(prompt, do_sample=False, max_new_tokens=32, min_new_tokens=32,
+                             eos_token_id=None, pad_token_id=0)[:, prompt.shape[1]:]
+    assert torch.equal(_greedy(ckpt.model, prompt, 32), ref_tokens)
+
+
+@pytest.mark.parametrize("writer", [_write_fused, _write_per_expert], ids=["fused", "per_expert"])
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_both_expert_namings_load(model_type, writer, tmp_path):
+    hf = _hf_model(model_type, seed=1)
+    writer(hf, tmp_path / "ckpt")
+    ckpt = load_checkpoint(tmp_path / "ckpt")
+    prompt = _prompt(hf.config.vocab_size)
+    with torch.no_grad():
+        assert (ckpt.model(prompt).logits - hf(prompt).logits).abs().max().item() <= FP32_ATOL
+
+
+def test_sharded_save_pretrained_loads(tmp_path):
+    hf = _hf_model("qwen2_moe", seed=2)
+    hf.save_pretrained(tmp_path / "ckpt", max_shard_size="40KB")
+    index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    ckpt = load_checkpoint(tmp_path / "ckpt")
+    prompt = _prompt(hf.config.vocab_size)
+    with torch.no_grad():
+        assert (ckpt.model(prompt).logits - hf(prompt).logits).abs().max().item() <= FP32_ATOL
+
+
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_bf16_error_no_worse_than_transformers(model_type, tmp_path):
+    hf = _hf_model(model_type, seed=3)
+    hf.save_pretrained(tmp_path / "ckpt")
+    ckpt = load_checkpoint(tmp_path / "ckpt", dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in ckpt.model.parameters())
+    prompt = _prompt(hf.config.vocab_size)
+    with torch.no_grad():
+        ref = hf(prompt).logits
+        hf_err = (hf.to(torch.bfloat16)(prompt).logits.float() - ref).abs().mean().item()
+        our_err = (ckpt.model(prompt).logits.float() - ref).abs().mean().item()
+    assert our_err <= BF16_ERROR_RATIO * hf_err
+
+
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_moecoder_save_loads_in_transformers(model_type, tmp_path):
+    cfg = from_hf_config(AutoConfig.for_model(model_type, **{**_BASE, **FAMILIES[model_type]}).to_dict())
+    model = Transformer(cfg)
+    model.init_weights(seed=4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if "norm" in name else 0.0, 0.3)
+        for name, b in model.named_buffers():
+            if name.endswith("router.bias"):
+                b.normal_(0, 0.2)
+    model.eval()
+    save_checkpoint(model, tmp_path / "ckpt", max_shard_bytes=30_000, extra_config={"eos_token_id": 2})
+    assert (tmp_path / "ckpt" / "model.safetensors.index.json").exists()
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", attn_implementation="eager").eval()
+    assert hf.config.eos_token_id == 2
+    prompt = _prompt(cfg.vocab_size)
+    with torch.no_grad():
+        ours = model(prompt).logits
+        assert (hf(prompt).logits - ours).abs().max().item() <= FP32_ATOL
+        again = load_checkpoint(tmp_path / "ckpt").model(prompt).logits
+    assert torch.equal(again, ours)
+
+
+def test_save_pretrained_writes_the_per_expert_naming(tmp_path):
+    """Guards the premise of the tests above: transformers writes released-style names."""
+    _hf_model("mixtral").save_pretrained(tmp_path / "ckpt")
+    with safe_open(tmp_path / "ckpt" / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+    assert "model.layers.0.block_sparse_moe.experts.0.w1.weight" in names
