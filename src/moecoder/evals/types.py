@@ -18,6 +18,7 @@ class Status(str, Enum):
     SYNTAX = "syntax"  # extracted code does not compile
     EXTRACT = "extract"  # no code could be extracted from the model output
     INFRA = "infra"  # generation failed after retries (HTTP errors), not the model's fault
+    SKIPPED = "skipped"  # generated but not graded (e.g. SWE-bench Lite without Docker)
 
 
 @dataclass

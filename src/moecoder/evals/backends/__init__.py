@@ -1,0 +1,1 @@
+"""Generation backends behind one small interface; each is imported only when chosen."""
