@@ -1,0 +1,294 @@
+"""Autoregressive generation on token ids: prefill, decode_one_token, sample (gpt-fast style).
+
+A batch of prompts of different lengths is right-padded and prefilled in one forward
+(`logits_at` picks each row's last real position, so the LM head runs once per row); each
+row's cache position is then set to its own length and decoding proceeds with per-row
+positions. Rows that finish keep decoding with the batch (their tokens are dropped): the
+batch stays rectangular and the decode step stays one small function that torch.compile
+can wrap.
+
+The text layer (`stream_text`, `generate_text`) adds the tokenizer: incremental
+detokenization and stop strings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .model import KVCache, Transformer
+
+
+class GenerationError(ValueError):
+    """Bad generation arguments (empty prompt, out-of-range ids, invalid sampling settings)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 means greedy; top_k / top_p filter before sampling; seed makes it reproducible.
+
+    With a seed, row i of a batch samples from its own generator seeded `seed + i`, so a row's
+    output does not depend on which other prompts share its batch (see `seeds` to set each row's).
+    """
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise GenerationError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class Completion:
+    tokens: list[int] = field(default_factory=list)  # generated ids, EOS excluded
+    finish_reason: str | None = None  # "stop" (EOS or stop string) | "length"
+    text: str = ""  # filled by the text layer
+
+
+# --- the three small functions ---
+
+
+def sample(logits_BV: torch.Tensor, params: SamplingParams,
+           generators: Sequence[torch.Generator | None] | None = None) -> torch.Tensor:
+    """Pick one token per row [B] from logits [B, V]: greedy, or temperature/top-k/top-p sampling."""
+    if params.temperature == 0:
+        return logits_BV.argmax(dim=-1)
+    logits = logits_BV.float() / params.temperature
+    if params.top_k is not None and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    if params.top_p is not None and params.top_p < 1:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # Drop a token when the tokens ranked above it already cover top_p (the first always stays).
+        drop_sorted = (sorted_p.cumsum(-1) - sorted_p) >= params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+    gens = generators if generators is not None else [None] * probs.shape[0]
+    return torch.cat([torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(gens)])
+
+
+def prefill(model: Transformer, tokens_BT: torch.Tensor, lengths_B: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Run right-padded prompts through the model; return each row's next-token logits [B, V].
+
+    Padding sits after each row's real tokens, so causal attention keeps it invisible to them;
+    the cache slots it fills are overwritten by the row's own decode steps.
+    """
+    out = model(tokens_BT, cache=cache, logits_at=lengths_B - 1)
+    cache.pos[: tokens_BT.shape[0]] = lengths_B
+    return out.logits[:, 0]
+
+
+def decode_one_token(model: Transformer, tokens_B1: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """One decode step for every row at its own cache position: logits [B, V]."""
+    return model(tokens_B1, cache=cache).logits[:, -1]
+
+
+# --- token-level generation ---
+
+
+def _model_device_dtype(model: Transformer) -> tuple[torch.device, torch.dtype]:
+    p = next(model.parameters())
+    return p.device, p.dtype
+
+
+def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[list[int]]:
+    if not prompts:
+        raise GenerationError("no prompts given")
+    out = []
+    for i, p in enumerate(prompts):
+        ids = [int(t) for t in p]
+        if not ids:
+            raise GenerationError(f"prompt {i} is empty")
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise GenerationError(f"prompt {i} has token id {bad[0]} outside the vocabulary of {vocab_size}")
+        out.append(ids)
+    return out
+
+
+def _generators(params: SamplingParams, n: int, device: torch.device,
+                seeds: Sequence[int] | None) -> list[torch.Generator | None]:
+    if seeds is not None and len(seeds) != n:
+        raise GenerationError(f"got {len(seeds)} seeds for {n} prompts")
+    if seeds is None and params.seed is None:
+        return [None] * n
+    seeds = seeds if seeds is not None else [params.seed + i for i in range(n)]
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+
+@torch.inference_mode()
+def generate_stream(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    params: SamplingParams = SamplingParams(),
+    eos_ids: Iterable[int] = (),
+    seeds: Sequence[int] | None = None,
+    compile: bool = False,
+) -> Iterator[tuple[int, int | None, str | None]]:
+    """Generate for a batch of token-id prompts, yielding events as they happen.
+
+    Each event is (row, token, finish): (row, id, None) for a new token, then once per row
+    (row, None, "stop") when it produced an EOS id (not yielded as a token) or
+    (row, None, "length") when it reached max_new_tokens or the model's max_seq_len.
+    Stopping the iteration early stops the computation.
+    """
+    cfg = model.cfg
+    prompts = _check_prompts(prompts, cfg.vocab_size)
+    if max_new_tokens < 0:
+        raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    B = len(prompts)
+    lengths = [len(p) for p in prompts]
+    for i, n in enumerate(lengths):
+        if n >= cfg.max_seq_len:
+            raise GenerationError(f"prompt {i} has {n} tokens; the model's max_seq_len is {cfg.max_seq_len}")
+    budgets = [min(max_new_tokens, cfg.max_seq_len - n) for n in lengths]
+    eos = set(int(e) for e in eos_ids)
+    device, dtype = _model_device_dtype(model)
+    gens = _generators(params, B, device, seeds)
+    steps = max(budgets)
+    if steps == 0:
+        for b in range(B):
+            yield b, None, "length"
+        return
+
+    cache = KVCache(cfg, B, max(lengths) + steps, dtype, device=device)
+    tokens_BT = torch.zeros(B, max(lengths), dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        tokens_BT[b, : len(p)] = torch.tensor(p, dtype=torch.long)
+    lengths_B = torch.tensor(lengths, dtype=torch.long, device=device)
+    decode = torch.compile(decode_one_token, dynamic=False) if compile else decode_one_token
+
+    logits_BV = prefill(model, tokens_BT, lengths_B, cache)
+    counts, done = [0] * B, [False] * B
+    for step in range(steps):
+        next_B = sample(logits_BV, params, gens)
+        for b, tok in enumerate(next_B.tolist()):
+            if done[b]:
+                continue
+            if tok in eos:
+                done[b] = True
+                yield b, None, "stop"
+                continue
+            counts[b] += 1
+            yield b, tok, None
+            if counts[b] >= budgets[b]:
+                done[b] = True
+                yield b, None, "length"
+        if all(done) or step == steps - 1:
+            break
+        logits_BV = decode(model, next_B[:, None], cache)
+
+
+def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+             params: SamplingParams = SamplingParams(), eos_ids: Iterable[int] = (),
+             seeds: Sequence[int] | None = None, compile: bool = False) -> list[Completion]:
+    """Generate for every prompt and return the completions (token ids and finish reasons)."""
+    out = [Completion() for _ in prompts]
+    for b, tok, finish in generate_stream(model, prompts, max_new_tokens, params, eos_ids, seeds, compile):
+        if tok is not None:
+            out[b].tokens.append(tok)
+        if finish is not None:
+            out[b].finish_reason = finish
+    return out
+
+
+# --- text level: detokenization and stop strings ---
+
+
+class StopMatcher:
+    """Cuts streamed text at the first stop string, holding back text that may begin one."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.stopped = False
+
+    def feed(self, piece: str) -> str:
+        """Return the text that is safe to emit now; sets `stopped` once a stop string appears."""
+        if self.stopped:
+            return ""
+        buf = self.pending + piece
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped, self.pending = True, ""
+            return buf[: min(hits)]
+        hold = 0  # longest suffix of buf that is a proper prefix of some stop string
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(buf)), hold, -1):
+                if buf.endswith(s[:n]):
+                    hold = n
+                    break
+        self.pending = buf[len(buf) - hold :] if hold else ""
+        return buf[: len(buf) - hold]
+
+    def flush(self) -> str:
+        out, self.pending = ("" if self.stopped else self.pending), ""
+        return out
+
+
+def _text_events(model, tokenizer, prompts, max_new_tokens, params, eos_ids, stop, seeds, compile):
+    """(row, token, text, finish) events: generate_stream plus detokenization and stop strings."""
+    B = len(prompts)
+    decoders = [tokenizer.stream_decoder() for _ in range(B)]
+    matchers = [StopMatcher(stop) for _ in range(B)]
+    finished = [False] * B
+    events = generate_stream(model, prompts, max_new_tokens, params, eos_ids, seeds, compile)
+    try:
+        for b, tok, finish in events:
+            if finished[b]:
+                continue  # a stop string ended this row; the batch decodes on for the others
+            if tok is not None:
+                text = matchers[b].feed(decoders[b].push(tok))
+                if matchers[b].stopped:
+                    finished[b] = True
+                    yield b, tok, text, "stop"
+                    continue
+                yield b, tok, text, None
+            if finish is not None:
+                finished[b] = True
+                tail = matchers[b].feed(decoders[b].flush()) + matchers[b].flush()
+                yield b, None, tail, "stop" if matchers[b].stopped else finish
+            if all(finished):
+                break
+    finally:
+        events.close()  # frees the KV cache now, not at garbage collection
+
+
+def stream_text(model: Transformer, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                params: SamplingParams = SamplingParams(), eos_ids: Iterable[int] = (),
+                stop: Sequence[str] = (), seeds: Sequence[int] | None = None,
+                compile: bool = False) -> Iterator[tuple[int, str, str | None]]:
+    """Like generate_stream, but yields (row, text, finish): text pieces are whole characters
+    (possibly empty on the finishing event). A stop string ends its row with "stop"; the text
+    before it is kept, the stop string itself is not."""
+    for b, _, text, finish in _text_events(model, tokenizer, prompts, max_new_tokens, params, eos_ids, stop,
+                                           seeds, compile):
+        if text or finish is not None:
+            yield b, text, finish
+
+
+def generate_text(model: Transformer, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                  params: SamplingParams = SamplingParams(), eos_ids: Iterable[int] = (),
+                  stop: Sequence[str] = (), seeds: Sequence[int] | None = None,
+                  compile: bool = False) -> list[Completion]:
+    """Generate and detokenize; `tokens` holds every id sampled up to the end (stop string included)."""
+    out = [Completion() for _ in prompts]
+    for b, tok, text, finish in _text_events(model, tokenizer, prompts, max_new_tokens, params, eos_ids, stop,
+                                             seeds, compile):
+        if tok is not None:
+            out[b].tokens.append(tok)
+        out[b].text += text
+        if finish is not None:
+            out[b].finish_reason = finish
+    return out
