@@ -21,6 +21,9 @@ class UserError(Exception):
 from moecoder.train.data_cli import data_app, tokenizer_app  # noqa: E402  (D1: training data)
 app.add_typer(data_app, name="data")
 app.add_typer(tokenizer_app, name="tokenizer")
+from moecoder.train.train_cli import plot_cmd, train_cmd  # noqa: E402  (D2: training loop)
+app.command("train")(train_cmd)
+app.command("plot")(plot_cmd)
 
 
 def main() -> None:
