@@ -8,12 +8,11 @@ import threading
 import time
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from moecoder.config import get_preset
 from moecoder.model import Transformer
+from moecoder.tokenizer import Tokenizer, train_byte_bpe
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CORPUS = [
     "def add(a, b):\n    return a + b\n",
     "for i in range(10):\n    print(i * i)\n",
@@ -23,38 +22,15 @@ CORPUS = [
 ] * 4
 
 
-class Codec:
-    """Stands in for moecoder.tokenizer.Tokenizer: encode/decode/chat template/eos ids."""
-
-    def __init__(self, tok: Tokenizer):
-        self.tok = tok
-        self.eos_token_ids = [tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|im_end|>")]
-        self.bos_token_id = None
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=True)
-
-    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
-        out = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-        return out + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+def build_codec(tmp_dir, vocab_size: int = 320) -> Tokenizer:
+    """A byte-level BPE with the ChatML template, trained on a few lines of code; EOS ids on `.eos_token_ids`."""
+    tok = train_byte_bpe(CORPUS, vocab_size, tmp_dir)
+    tok.eos_token_ids = [tok.eos_token_id, tok.token_to_id("<|im_end|>")]
+    return tok
 
 
-def build_codec(vocab_size: int = 320) -> Codec:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(CORPUS, trainer)
-    tok.add_special_tokens(SPECIALS)
-    return Codec(tok)
-
-
-def build_model(codec: Codec, seed: int = 0, **cfg_overrides) -> Transformer:
-    cfg = get_preset("debug").replace(vocab_size=codec.tok.get_vocab_size(), **cfg_overrides)
+def build_model(codec: Tokenizer, seed: int = 0, **cfg_overrides) -> Transformer:
+    cfg = get_preset("debug").replace(vocab_size=codec.vocab_size, **cfg_overrides)
     model = Transformer(cfg)
     model.init_weights(seed=seed)
     with torch.no_grad():

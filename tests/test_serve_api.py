@@ -19,8 +19,8 @@ CONTEXT = 128
 
 
 @pytest.fixture(scope="module")
-def codec():
-    return build_codec()
+def codec(tmp_path_factory):
+    return build_codec(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_chat_completion_and_stream(client, codec):
     r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, temperature=0)
     assert r.object == "chat.completion"
     assert r.choices[0].message.role == "assistant" and r.choices[0].finish_reason == "length"
-    assert r.usage.prompt_tokens == len(codec.encode(codec.apply_chat_template(msgs)))
+    assert r.usage.prompt_tokens == len(codec.encode(codec.apply_chat_template(msgs), add_special_tokens=False))
     assert r.usage.completion_tokens == 6
     chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, max_completion_tokens=6, temperature=0,
                                                  stream=True, stream_options={"include_usage": True}))
@@ -139,6 +139,7 @@ BAD = [
     ("/v1/chat/completions", b'{"model": "debug-moe", "messages": []}', 400, "messages"),
     ("/v1/chat/completions", b'{"model": "debug-moe", "messages": [{"role": "wizard", "content": "x"}]}', 400, None),
     ("/v1/chat/completions", b'{"model": "debug-moe"}', 400, "messages"),
+    ("/v1/chat/completions", b'{"model": "debug-moe", "messages": [{"role": "tool", "content": "x"}]}', 400, "messages"),
 ]
 
 

@@ -8,13 +8,13 @@ import time
 import pytest
 import torch
 
-from moecoder.serve.engine import Engine, QueueFull, SamplingParams, Sequence, StopTextStream, kv_bytes_per_token
+from moecoder.serve.engine import Engine, QueueFull, SamplingParams, Sequence, TextStream, kv_bytes_per_token
 from serve_fixtures import build_codec, build_model
 
 
 @pytest.fixture(scope="module")
-def codec():
-    return build_codec()
+def codec(tmp_path_factory):
+    return build_codec(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def test_seeded_sampling_is_deterministic_alone_or_batched(model, codec):
 
 def test_stop_text_stream_holds_back_partial_stop(codec):
     ids = codec.encode("abc STOP def")
-    stream = StopTextStream(codec, ("STOP",))
+    stream = TextStream(codec, ("STOP",))
     sent, hit = "", False
     for t in ids:
         out, hit = stream.push(t)
@@ -131,10 +131,10 @@ def test_stop_text_stream_holds_back_partial_stop(codec):
             break
     assert hit and sent == "abc "
     # a partial stop at the end is released by flush
-    stream = StopTextStream(codec, ("STOP",))
+    stream = TextStream(codec, ("STOP",))
     sent = "".join(stream.push(t)[0] for t in codec.encode("abc ST"))
     assert sent == "abc "
-    assert sent + stream.flush() == "abc ST"
+    assert sent + stream.flush()[0] == "abc ST"
 
 
 def test_stop_string_ends_generation(model, codec):

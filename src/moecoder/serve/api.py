@@ -13,7 +13,7 @@ import hmac
 import json
 import time
 import uuid
-from typing import Any, Callable, Protocol, Sequence as Seq
+from typing import Any, Callable, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,11 +28,13 @@ MAX_CHOICES = 16  # prompts x n in one request
 
 
 class ChatCodec(Protocol):
+    """What the API needs from a tokenizer (moecoder.tokenizer.Tokenizer is one)."""
+
     def encode(self, text: str) -> list[int]: ...
 
-    def decode(self, ids: Seq[int]) -> str: ...
+    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]: ...
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str: ...
+    def stream_decoder(self): ...
 
 
 class APIError(Exception):
@@ -153,8 +155,7 @@ def create_app(engine: Engine, codec: ChatCodec, model_name: str, *, api_key: st
             raise APIError(404, f"model {name!r} does not exist; this server serves {model_name!r}",
                            param="model", code="model_not_found")
 
-    def tokenize(text: str, param: str) -> list[int]:
-        ids = codec.encode(text)
+    def check_tokens(ids: list[int], param: str) -> list[int]:
         if not ids and bos_token_id is not None:
             ids = [bos_token_id]
         if not ids:
@@ -277,7 +278,7 @@ def create_app(engine: Engine, codec: ChatCodec, model_name: str, *, api_key: st
     async def completions(req: CompletionRequest, request: Request):
         check_auth(request)
         check_model(req.model)
-        prompts = [tokenize(p, "prompt") for p in req.prompts()]
+        prompts = [check_tokens(codec.encode(p), "prompt") for p in req.prompts()]
 
         def chunk(i, text, reason):
             return {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
@@ -290,10 +291,9 @@ def create_app(engine: Engine, codec: ChatCodec, model_name: str, *, api_key: st
         check_model(req.model)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
-            prompt = codec.apply_chat_template(messages, add_generation_prompt=True)
-        except Exception as e:  # noqa: BLE001 - a template may reject a conversation (e.g. bad role order)
+            ids = check_tokens(codec.encode_chat(messages, add_generation_prompt=True), "messages")
+        except ValueError as e:  # the template may reject a conversation (unknown role, bad order)
             raise APIError(400, f"messages rejected by the chat template: {e}", param="messages") from None
-        ids = tokenize(prompt, "messages")
 
         def chunk(i, text, reason):
             delta = {"content": text} if text else {}

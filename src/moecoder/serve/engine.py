@@ -22,15 +22,14 @@ from typing import Callable, Protocol, Sequence as Seq
 
 import torch
 
+from ..generate import SamplingParams as Sampling, StopMatcher, sample
 from ..model import KVCache, Transformer
 
 
 class TextCodec(Protocol):
-    """What the engine needs from a tokenizer."""
+    """What the engine needs from a tokenizer (moecoder.tokenizer.Tokenizer is one)."""
 
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: Seq[int]) -> str: ...
+    def stream_decoder(self): ...  # an object with push(id) -> str and flush() -> str
 
 
 class QueueFull(Exception):
@@ -47,8 +46,10 @@ class EngineStopped(RuntimeError):
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """What one request asks for: a token limit, sampling settings and stop strings."""
+
     max_tokens: int
-    temperature: float = 1.0
+    temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
@@ -80,64 +81,29 @@ class Sequence:
     last_token_time: float | None = None
 
     def __post_init__(self) -> None:
-        self.generator = torch.Generator()
-        seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
-        self.generator.manual_seed((seed + self.index) % (2**63))
+        p = self.params
+        self.sampling = Sampling(temperature=p.temperature, top_p=p.top_p if p.top_p < 1 else None)
+        # Choice i of a seeded request draws from seed + i, as moecoder.generate does for row i.
+        seed = p.seed if p.seed is not None else secrets.randbits(63)
+        self.generator = torch.Generator().manual_seed((seed + self.index) % (2**63))
 
 
-class StopTextStream:
-    """Incremental detokenisation plus stop strings, holding back text that may start a stop.
-
-    Text is decoded over a short window of recent ids so each step costs O(window), and a
-    trailing U+FFFD (an unfinished UTF-8 sequence of byte-level tokens) is held until complete.
-    """
+class TextStream:
+    """Ids in, sendable text out: incremental detokenisation, then stop strings (text that may be
+    the start of a stop string is held back until it is known not to be)."""
 
     def __init__(self, codec: TextCodec, stop: tuple[str, ...]):
-        self.codec, self.stop = codec, tuple(s for s in stop if s)
-        self.ids: list[int] = []
-        self.prefix, self.read = 0, 0
-        self.text, self.sent = "", 0
+        self.decoder = codec.stream_decoder()
+        self.matcher = StopMatcher(stop)
 
     def push(self, token: int) -> tuple[str, bool]:
         """Add one token; return (text safe to send now, whether a stop string was hit)."""
-        self.ids.append(token)
-        before = self.codec.decode(self.ids[self.prefix : self.read])
-        now = self.codec.decode(self.ids[self.prefix :])
-        if len(now) > len(before) and not now.endswith("\ufffd"):
-            self.text += now[len(before) :]
-            self.prefix, self.read = self.read, len(self.ids)
-        return self._release(final=False)
+        return self.matcher.feed(self.decoder.push(token)), self.matcher.stopped
 
-    def flush(self) -> str:
+    def flush(self) -> tuple[str, bool]:
         """The held-back remainder at the end of generation."""
-        rest = self.codec.decode(self.ids[self.prefix :])
-        done = self.codec.decode(self.ids[self.prefix : self.read])
-        self.text += rest[len(done) :]
-        self.prefix = self.read = len(self.ids)
-        return self._release(final=True)[0]
-
-    def _release(self, final: bool) -> tuple[str, bool]:
-        # A stop match always starts at or after `sent`: any earlier start would have been held back.
-        hits = [i for i in (self.text.find(s, self.sent) for s in self.stop) if i >= 0]
-        if hits:
-            end = min(hits)
-            out, self.sent = self.text[self.sent : end], end
-            self.text = self.text[:end]
-            return out, True
-        end = len(self.text) if final else len(self.text) - self._held()
-        out, self.sent = self.text[self.sent : end], max(self.sent, end)
-        return out, False
-
-    def _held(self) -> int:
-        """Length of the longest suffix of the unsent text that is a proper prefix of a stop string."""
-        tail = self.text[self.sent :]
-        best = 0
-        for s in self.stop:
-            for k in range(min(len(s) - 1, len(tail)), best, -1):
-                if tail.endswith(s[:k]):
-                    best = k
-                    break
-        return best
+        text = self.matcher.feed(self.decoder.flush())
+        return text + self.matcher.flush(), self.matcher.stopped
 
 
 def kv_bytes_per_token(model: Transformer, dtype: torch.dtype) -> int:
@@ -201,7 +167,7 @@ class Engine:
         self.cache = KVCache(model.cfg, slots, self.max_context, self.dtype, device=self.device)
         self.metrics = metrics
         self.running: list[Sequence] = []  # running[i] lives in cache row i
-        self.streams: list[StopTextStream] = []
+        self.streams: list[TextStream] = []
         self.waiting: collections.deque[Sequence] = collections.deque()
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -324,7 +290,7 @@ class Engine:
         self.cache.pos[n0 : n0 + m] = lens  # the padded tail is garbage that decode overwrites
         with self._cv:
             self.running.extend(admit)
-            self.streams.extend(StopTextStream(self.codec, s.params.stop) for s in admit)
+            self.streams.extend(TextStream(self.codec, s.params.stop) for s in admit)
         if self.metrics is not None:
             self.metrics.prompt_tokens.inc(int(lens.sum()))
         self._sample_and_emit(logits, rows=range(n0, n0 + m))
@@ -338,7 +304,10 @@ class Engine:
 
     def _sample_and_emit(self, logits_NV: torch.Tensor, rows: range) -> None:
         seqs = [self.running[r] for r in rows]
-        tokens = sample(logits_NV.float(), [s.params for s in seqs], [s.generator for s in seqs])
+        tokens = logits_NV.argmax(-1).tolist()
+        for i, s in enumerate(seqs):
+            if s.sampling.temperature > 0:  # each row its own generator: batch-independent draws
+                tokens[i] = int(sample(logits_NV[i : i + 1], s.sampling, [s.generator]))
         now = time.perf_counter()
         finished: list[tuple[int, str]] = []
         for r, s, tok in zip(rows, seqs, tokens):
@@ -352,12 +321,13 @@ class Engine:
             s.last_token_time = now
             stream = self.streams[r]
             if tok in self.eos:
-                text, reason = stream.flush(), "stop"
+                text, reason = stream.flush()[0], "stop"
             else:
                 text, hit = stream.push(tok)
                 reason = "stop" if hit else None
                 if reason is None and len(s.out_ids) >= s.params.max_tokens:
-                    text, reason = text + stream.flush(), "length"
+                    rest, hit = stream.flush()
+                    text, reason = text + rest, "stop" if hit else "length"
             self._emit(s, Event(s.index, text, len(s.out_ids), reason))
             if reason is not None:
                 finished.append((r, reason))
@@ -389,23 +359,3 @@ class Engine:
             s.sink(ev)
         except Exception:  # noqa: BLE001 - a client's closed event loop must not stop the engine
             pass
-
-
-def sample(logits_NV: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator]) -> list[int]:
-    """One token per row: greedy where temperature == 0, else temperature + nucleus (top-p) sampling.
-
-    Each row draws from its own generator, so a seeded request gives the same tokens whatever
-    else is in the batch.
-    """
-    out = logits_NV.argmax(-1).tolist()
-    for i, (p, g) in enumerate(zip(params, gens)):
-        if p.temperature <= 0:
-            continue
-        probs = torch.softmax(logits_NV[i] / p.temperature, dim=-1)
-        if p.top_p < 1.0:
-            sorted_p, idx = probs.sort(descending=True)
-            # keep the smallest prefix whose mass reaches top_p (always at least the top token)
-            keep = (sorted_p.cumsum(0) - sorted_p) < p.top_p
-            probs = torch.zeros_like(probs).scatter_(0, idx[keep], sorted_p[keep])
-        out[i] = int(torch.multinomial(probs.cpu(), 1, generator=g))
-    return out
