@@ -195,7 +195,7 @@ class _AtomicText:
     def __init__(self, path: Path):
         self.path = path
         self.tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        self.f = open(self.tmp, "w", encoding="utf-8", newline="\n")
+        self.f = open(self.tmp, "w", encoding="utf-8", newline="\n")  # noqa: SIM115  (closed by commit/abort)
 
     def write_json(self, obj) -> None:
         self.f.write(json.dumps(obj, ensure_ascii=False) + "\n")
@@ -328,13 +328,19 @@ def _filter(raw: bytes, opts: BuildOptions) -> str | None:
     return None
 
 
-def iter_texts(corpus_dir: Path, split: str = "train") -> Iterator[str]:
-    """Yield the texts of one split of a built corpus, in file order."""
-    path = Path(corpus_dir) / f"{split}.jsonl"
-    if not Path(corpus_dir).is_dir():
+def split_file(corpus_dir: Path, split: str = "train") -> Path:
+    """corpus_dir/<split>.jsonl, with a clear error when the corpus or the split is missing."""
+    corpus_dir = Path(corpus_dir)
+    if not corpus_dir.is_dir():
         raise DataError(f"corpus dir not found: {corpus_dir}")
+    path = corpus_dir / f"{split}.jsonl"
     if not path.is_file():
         raise DataError(f"no {split}.jsonl in {corpus_dir} (run `moecoder data build` first)")
+    return path
+
+
+def iter_texts(path: Path) -> Iterator[str]:
+    """Yield the texts of a corpus split file (see split_file), in file order."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             try:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -29,14 +29,14 @@ def _user_errors(fn):
 @data_app.command("build")
 def build_cmd(
     out: Annotated[Path, typer.Option(help="Output corpus directory.")],
-    source: Annotated[Optional[list[Path]], typer.Option(
+    source: Annotated[list[Path] | None, typer.Option(
         help="Directory of *.py files or a .jsonl file of {\"text\": ...}; repeatable. "
              "Default: this interpreter's stdlib and site-packages.")] = None,
     min_file_bytes: Annotated[int, typer.Option(help="Drop documents smaller than this.")] = 32,
     max_file_bytes: Annotated[int, typer.Option(help="Drop documents larger than this.")] = 1_000_000,
     val_permille: Annotated[int, typer.Option(help="Per-mille of documents (by content hash) in the val split.")] = 10,
-    max_files: Annotated[Optional[int], typer.Option(help="Stop after this many kept documents.")] = None,
-    max_bytes: Annotated[Optional[int], typer.Option(help="Stop once this many bytes are kept.")] = None,
+    max_files: Annotated[int | None, typer.Option(help="Stop after this many kept documents.")] = None,
+    max_bytes: Annotated[int | None, typer.Option(help="Stop once this many bytes are kept.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Collect, de-duplicate, filter and split source files into OUT (manifest.jsonl, train/val.jsonl, stats.json)."""
@@ -77,11 +77,12 @@ def tokenizer_train_cmd(
     out: Annotated[Path, typer.Option(help="Output tokenizer directory.")],
     vocab_size: Annotated[int, typer.Option(help="Vocabulary size including <|endoftext|>.")] = 8192,
     min_frequency: Annotated[int, typer.Option(help="Minimum pair frequency for a merge.")] = 2,
-    max_docs: Annotated[Optional[int], typer.Option(help="Train on at most this many documents.")] = None,
+    max_docs: Annotated[int | None, typer.Option(help="Train on at most this many documents.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show the trainer's progress bar.")] = True,
 ) -> None:
     """Train a byte-level BPE tokenizer; saves tokenizer.json and tokenizer_config.json (HF-loadable)."""
     from moecoder.train.tok_train import train_tokenizer
 
     info = _user_errors(lambda: train_tokenizer(data, out, vocab_size=vocab_size, min_frequency=min_frequency,
-                                                max_docs=max_docs, progress=True))
+                                                max_docs=max_docs, progress=progress))
     typer.echo(json.dumps(info))

@@ -12,7 +12,6 @@ index.json:
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import shutil
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moecoder.train.data import SPLITS, DataError, count_lines, write_json_atomic
+from moecoder.train.data import SPLITS, DataError, count_lines, iter_texts, write_json_atomic
 
 INDEX_FORMAT = "moecoder-tokens-v1"
 DOCS_PER_TASK = 64  # documents per worker task: large enough to amortise pickling, small enough to balance
@@ -35,10 +34,10 @@ def dtype_for_vocab(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size < 65536 else np.dtype(np.uint32)
 
 
-def _init_worker(tokenizer_file: str) -> None:
+def _init_worker(tokenizer_file: str, in_pool: bool) -> None:
     global _worker_tok
-    # One process per core already; tokenizers' own thread pool would only oversubscribe the cores.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    if in_pool:  # one process per core already; tokenizers' own thread pool would only oversubscribe the cores
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from tokenizers import Tokenizer
 
     _worker_tok = Tokenizer.from_file(tokenizer_file)
@@ -58,15 +57,11 @@ def _encode_docs(args: tuple[list[str], int, str]) -> tuple[bytes, int]:
 
 def _batches(path: Path, n: int) -> Iterator[list[str]]:
     batch: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            try:
-                batch.append(json.loads(line)["text"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise DataError(f"corrupt corpus line {path}:{lineno}") from None
-            if len(batch) == n:
-                yield batch
-                batch = []
+    for text in iter_texts(path):
+        batch.append(text)
+        if len(batch) == n:
+            yield batch
+            batch = []
     if batch:
         yield batch
 
@@ -83,7 +78,7 @@ class _ShardWriter:
     def _open(self) -> None:
         name = f"{self.split}_{len(self.shards):05d}.bin"
         self._tmp = self.out_dir / f".{name}.tmp{os.getpid()}"
-        self._f = open(self._tmp, "wb")
+        self._f = open(self._tmp, "wb")  # noqa: SIM115  (spans many write() calls; closed by _close/abort)
         self.shards.append({"file": name, "tokens": 0})
         self._in_shard = 0
 
@@ -141,9 +136,9 @@ def tokenize_corpus(corpus_dir: Path, tokenizer_dir: Path, out_dir: Path, worker
     t0 = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     n_docs = {s: count_lines(corpus_dir / f"{s}.jsonl") for s in splits}
-    pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tok_file,)) if workers > 1 else None
+    pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tok_file, True)) if workers > 1 else None
     if pool is None:
-        _init_worker(tok_file)
+        _init_worker(tok_file, False)
     bar = _Progress(sum(n_docs.values())) if progress else None
     index_splits = {}
     try:

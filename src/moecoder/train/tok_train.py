@@ -11,7 +11,7 @@ import os
 import time
 from pathlib import Path
 
-from moecoder.train.data import DataError, count_lines, iter_texts, write_json_atomic
+from moecoder.train.data import DataError, count_lines, iter_texts, split_file, write_json_atomic
 
 EOS_TOKEN = "<|endoftext|>"
 MIN_VOCAB = 257  # 256 byte symbols + <|endoftext|>
@@ -24,9 +24,9 @@ def train_tokenizer(corpus_dir: Path, out_dir: Path, vocab_size: int = 8192, min
 
     if vocab_size < MIN_VOCAB:
         raise DataError(f"vocab size must be at least {MIN_VOCAB} (256 bytes + {EOS_TOKEN}), got {vocab_size}")
-    corpus_dir = Path(corpus_dir)
-    texts = iter_texts(corpus_dir, "train")
-    n_docs = count_lines(corpus_dir / "train.jsonl")
+    train_file = split_file(corpus_dir, "train")
+    texts = iter_texts(train_file)
+    n_docs = count_lines(train_file)
     if n_docs == 0:
         raise DataError(f"train split of {corpus_dir} is empty")
     if max_docs is not None:
@@ -85,7 +85,7 @@ def load_tokenizer(tok_dir: Path):
         raise DataError(f"no tokenizer.json in {tok_dir} (run `moecoder tokenizer train` first)")
     try:
         return Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises a bare Exception on parse errors
+    except Exception as e:  # noqa: BLE001  (tokenizers raises a bare Exception on parse errors)
         raise DataError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
