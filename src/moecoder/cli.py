@@ -24,6 +24,9 @@ app.add_typer(tokenizer_app, name="tokenizer")
 from moecoder.train.train_cli import plot_cmd, train_cmd  # noqa: E402  (D2: training loop)
 app.command("train")(train_cmd)
 app.command("plot")(plot_cmd)
+from moecoder.serve.serve_cli import bench_app, serve_cmd  # noqa: E402  (E: serving)
+app.command("serve")(serve_cmd)
+app.add_typer(bench_app, name="bench")
 
 
 def main() -> None:
