@@ -1,0 +1,7 @@
+"""python -m tinyml"""
+
+import sys
+
+from .evaluate import main
+
+sys.exit(main())
