@@ -17,26 +17,29 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 transformers = pytest.importorskip("transformers")
-from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from moecoder.checkpoint import from_hf_config, load_checkpoint, save_checkpoint  # noqa: E402
-from moecoder.model import KVCache, Transformer  # noqa: E402
+from moecoder.checkpoint import from_hf_config, load_checkpoint, save_checkpoint
+from moecoder.model import KVCache, Transformer
 
 transformers.logging.set_verbosity_error()
 
-_BASE = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-             intermediate_size=24, num_experts_per_tok=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_BASE = {"vocab_size": 96, "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "intermediate_size": 24, "num_experts_per_tok": 2, "bos_token_id": 1,
+         "eos_token_id": 2, "pad_token_id": 0}
 
 # One config per family, each switching on the family's distinctive options.
 FAMILIES = {
-    "mixtral": dict(num_local_experts=4, sliding_window=7, rope_theta=1e4),
-    "qwen2_moe": dict(num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=20, norm_topk_prob=False,
-                      mlp_only_layers=[1], use_sliding_window=True, sliding_window=6, max_window_layers=2),
-    "qwen3_moe": dict(num_experts=6, moe_intermediate_size=16, head_dim=16, norm_topk_prob=True, decoder_sparse_step=1,
-                      rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
-                                       "original_max_position_embeddings": 16}, max_position_embeddings=64),
-    "olmoe": dict(num_experts=4, norm_topk_prob=False, tie_word_embeddings=True),
-    "minimax_m2": dict(num_local_experts=6, head_dim=16, rotary_dim=8),
+    "mixtral": {"num_local_experts": 4, "sliding_window": 7, "rope_theta": 1e4},
+    "qwen2_moe": {"num_experts": 4, "moe_intermediate_size": 16, "shared_expert_intermediate_size": 20,
+                  "norm_topk_prob": False, "mlp_only_layers": [1], "use_sliding_window": True, "sliding_window": 6,
+                  "max_window_layers": 2},
+    "qwen3_moe": {"num_experts": 6, "moe_intermediate_size": 16, "head_dim": 16, "norm_topk_prob": True,
+                  "decoder_sparse_step": 1, "max_position_embeddings": 64,
+                  "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                                      "original_max_position_embeddings": 16}},
+    "olmoe": {"num_experts": 4, "norm_topk_prob": False, "tie_word_embeddings": True},
+    "minimax_m2": {"num_local_experts": 6, "head_dim": 16, "rotary_dim": 8},
 }
 
 FP32_ATOL = 1e-4

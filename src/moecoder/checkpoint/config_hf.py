@@ -8,6 +8,7 @@ family, so a config.json means the same model here as there.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from ..config import ConfigError, ModelConfig
@@ -74,22 +75,24 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
     n_layers, n_heads = d["num_hidden_layers"], d["num_attention_heads"]
     kv = d.get("num_key_value_heads") or _DEFAULTS[mt]["kv"] or n_heads
     theta, scaling, partial = _rope(d, mt)
-    kw: dict[str, Any] = dict(
-        model_type=mt, vocab_size=d["vocab_size"], dim=d["hidden_size"], n_layers=n_layers, n_heads=n_heads,
-        n_kv_heads=kv, head_dim=d.get("head_dim"), ffn_dim=d["intermediate_size"],
-        norm_eps=float(d.get("rms_norm_eps") or _DEFAULTS[mt]["rms_norm_eps"]),
-        tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-        max_seq_len=d.get("max_position_embeddings") or _DEFAULTS[mt]["max_position_embeddings"],
-        rope_theta=theta, rope_scaling=scaling, n_experts=n_experts, top_k=d["num_experts_per_tok"],
-        norm_topk=bool(d.get("norm_topk_prob", False)),
-    )
+    kw: dict[str, Any] = {
+        "model_type": mt, "vocab_size": d["vocab_size"], "dim": d["hidden_size"], "n_layers": n_layers,
+        "n_heads": n_heads, "n_kv_heads": kv, "head_dim": d.get("head_dim"), "ffn_dim": d["intermediate_size"],
+        "norm_eps": float(d.get("rms_norm_eps") or _DEFAULTS[mt]["rms_norm_eps"]),
+        "tie_embeddings": bool(d.get("tie_word_embeddings", False)),
+        "max_seq_len": d.get("max_position_embeddings") or _DEFAULTS[mt]["max_position_embeddings"],
+        "rope_theta": theta, "rope_scaling": scaling, "n_experts": n_experts, "top_k": d["num_experts_per_tok"],
+        "norm_topk": bool(d.get("norm_topk_prob", False)),
+    }
     if mt in ("qwen2_moe", "qwen3_moe"):
         kw["moe_ffn_dim"] = d["moe_intermediate_size"]
         step = d.get("decoder_sparse_step") or 1
         only = set(d.get("mlp_only_layers") or [])
         kw["dense_layers"] = tuple(i for i in range(n_layers) if i in only or (i + 1) % step)
     if mt == "mixtral":
-        kw.update(norm_topk=True, sliding_window=d.get("sliding_window") or None)
+        # Mixtral always renormalises the top-k weights; `norm_topk_prob` is a moecoder extension
+        # (see to_hf_config) that real Mixtral configs never carry.
+        kw.update(norm_topk=bool(d.get("norm_topk_prob", True)), sliding_window=d.get("sliding_window") or None)
     elif mt == "qwen2_moe":
         kw.update(qkv_bias=bool(d.get("qkv_bias", True)), n_shared_experts=1, shared_expert_gate=True,
                   shared_ffn_dim=d["shared_expert_intermediate_size"])
@@ -140,6 +143,14 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         d["intermediate_size"] = cfg.moe_ffn_dim
     if mt == "mixtral":
         d["sliding_window"] = cfg.sliding_window
+        if not cfg.norm_topk:
+            # transformers' Mixtral ignores this key and renormalises anyway: moecoder reads the
+            # folder back exactly, transformers does not. Warn rather than refuse, because the
+            # debug and bench presets are mixtral-typed without renormalisation.
+            warnings.warn("saving a mixtral model with norm_topk=False; transformers will renormalise its "
+                          "top-k weights", stacklevel=3)
+        else:
+            del d["norm_topk_prob"]
     elif mt == "qwen2_moe":
         d.update(qkv_bias=cfg.qkv_bias, shared_expert_intermediate_size=cfg.n_shared_experts * cfg.shared_ffn_dim)
         window = cfg.sliding_window is not None
@@ -159,7 +170,11 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
 def _canonical(cfg: ModelConfig) -> dict[str, Any]:
     """cfg as a dict with equivalent spellings made equal."""
     d = cfg.to_dict()
-    if cfg.n_shared_experts > 1:  # several shared experts are one wider FFN
+    if cfg.n_experts and not cfg.dense_layers:
+        d["ffn_dim"] = None  # only dense layers use it
+    if cfg.n_shared_experts == 0:
+        d["shared_ffn_dim"] = None
+    elif cfg.n_shared_experts > 1:  # several shared experts are one wider FFN
         d.update(n_shared_experts=1, shared_ffn_dim=cfg.n_shared_experts * cfg.shared_ffn_dim)
     if cfg.sliding_window is None:
         d["sliding_window_layers"] = None

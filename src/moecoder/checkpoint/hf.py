@@ -95,7 +95,8 @@ def _weight_files(folder: Path) -> dict[str, Path]:
     if not (folder / SINGLE).is_file():
         raise CheckpointError(f"{folder} has neither {SINGLE} nor {INDEX}")
     with _open(folder / SINGLE) as f:
-        return {name: folder / SINGLE for name in f.keys()}
+        names = f.keys()  # a safe_open handle is not iterable
+    return dict.fromkeys(names, folder / SINGLE)
 
 
 def _open(path: Path, backend: str = "mmap"):
