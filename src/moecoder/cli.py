@@ -24,10 +24,15 @@ app.add_typer(tokenizer_app, name="tokenizer")
 from moecoder.train.train_cli import plot_cmd, train_cmd  # noqa: E402  (D2: training loop)
 app.command("train")(train_cmd)
 app.command("plot")(plot_cmd)
+
 from moecoder.serve.serve_cli import bench_app, serve_cmd  # noqa: E402  (E: serving)
 app.command("serve")(serve_cmd)
 app.add_typer(bench_app, name="bench")
+from moecoder.evals.eval_cli import app as eval_app  # noqa: E402  (G: evaluation)
+app.add_typer(eval_app, name="eval")
 
+from moecoder.engine_cli import register as register_engine  # noqa: E402  (B: info, generate, demo)
+register_engine(app)
 
 def main() -> None:
     try:

@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +183,11 @@ class Runner:
                 items.append(_Item(task, i, prompt, task_hash, _hash({**ident, "task": task_hash, "sample": i})))
         return items
 
+    def _sampling(self, it: _Item) -> Sampling:
+        # Each sample of a task gets its own seed, or n seeded samples would be one sample n times.
+        s = self.cfg.sampling
+        return s if s.seed is None else replace(s, seed=s.seed + it.index)
+
     def _cost(self, gen: Generation) -> float | None:
         if gen.error:
             return 0.0  # failed requests are not billed
@@ -226,7 +231,7 @@ class Runner:
                     state = "stopped: spending cap"
                 while queue and not capped and len(inflight) < self.cfg.concurrency:
                     it = queue.pop()
-                    inflight[pool.submit(self.backend.generate, it.prompt, self.cfg.sampling)] = it
+                    inflight[pool.submit(self.backend.generate, it.prompt, self._sampling(it))] = it
                 if not inflight:
                     break
                 finished, _ = wait(inflight, return_when=FIRST_COMPLETED)
