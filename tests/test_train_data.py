@@ -171,6 +171,8 @@ def test_licences_from_distribution_metadata(tmp_path):
     assert lic["claspkg"] == {"MIT License"}
     assert lic["typer"] == {"MIT"}  # a real site-packages distribution
     assert lic["json"] == {"PSF-2.0"}  # the standard library
+    dists = {Path(r["path"]).parent.name: r["distribution"] for r in _jsonl(tmp_path / "out" / "manifest.jsonl")}
+    assert dists["exprpkg"] == "exprpkg" and dists["typer"] == "typer" and dists["json"] == "cpython"
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["licences"]["PSF-2.0"]["files"] == len(list(Path(json_pkg.__file__).parent.glob("*.py")))
 

@@ -1,7 +1,8 @@
 """Corpus build: collect Python sources (or JSONL text), de-duplicate, filter, split, record licences.
 
 `build_corpus(sources, out_dir)` writes, atomically:
-    manifest.jsonl   one row per kept document: {path, sha256, bytes, licence, split}
+    manifest.jsonl   one row per kept document: {path, sha256, bytes, licence, distribution, split}
+                     (distribution: the installed package a file came from, "cpython" for the stdlib, else null)
     train.jsonl      {"text", "source"} per train document     (and val.jsonl likewise)
     stats.json       files seen/kept, dropped by reason, bytes per split, licence counts, options
 
@@ -50,6 +51,7 @@ class _Item:
     order_key: str  # sha256 of the path relative to its source: the visiting order
     path: str  # what the manifest records
     licence: str
+    distribution: str | None
     file: Path
     line_offset: int | None = None  # byte offset of the JSONL line; None for a source file
 
@@ -106,14 +108,15 @@ class LicenceIndex:
         stdlib = os.path.realpath(sysconfig.get_paths()["stdlib"])
         self._stdlib = stdlib + os.sep
 
-    def lookup(self, path: Path) -> str:
+    def lookup(self, path: Path) -> tuple[str, str | None]:
+        """(licence, distribution name) of a file; ("unknown", None) when no installed package claims it."""
         real = os.path.realpath(path)
         hit = self._by_file.get(real)
         if hit is not None:
-            return hit[1]
+            return hit[1], hit[0]
         if real.startswith(self._stdlib) and not (set(Path(real).parts) & _NOT_STDLIB_DIRS):
-            return STDLIB_LICENCE
-        return UNKNOWN_LICENCE
+            return STDLIB_LICENCE, "cpython"
+        return UNKNOWN_LICENCE, None
 
 
 # --- candidate enumeration ---
@@ -141,14 +144,14 @@ def _enumerate(sources: list[Path], licences: LicenceIndex) -> list[_Item]:
             skip = _SKIP_DIRS | (_NOT_STDLIB_DIRS if src.resolve() == stdlib else frozenset())
             for p in _walk_py(src, skip):
                 rel = p.relative_to(src).as_posix()
-                items.append(_Item(_hash_str(f"{src.name}/{rel}"), str(p), licences.lookup(p), p))
+                items.append(_Item(_hash_str(f"{src.name}/{rel}"), str(p), *licences.lookup(p), p))
         elif src.is_file() and src.suffix == ".jsonl":
             offset = 0
             with open(src, "rb") as f:
                 for lineno, line in enumerate(f, 1):
                     if line.strip():
-                        lic = UNKNOWN_LICENCE
-                        items.append(_Item(_hash_str(f"{src.name}:{lineno}"), f"{src}:{lineno}", lic, src, offset))
+                        items.append(_Item(_hash_str(f"{src.name}:{lineno}"), f"{src}:{lineno}", UNKNOWN_LICENCE,
+                                           None, src, offset))
                     offset += len(line)
         elif not src.exists():
             raise DataError(f"source not found: {src}")
@@ -281,7 +284,7 @@ def build_corpus(sources: list[Path] | None, out_dir: Path, options: BuildOption
             split = split_of(digest, opts.val_permille)
             n = len(raw)
             writers["manifest"].write_json({"path": item.path, "sha256": digest, "bytes": n, "licence": lic,
-                                            "split": split})
+                                            "distribution": item.distribution, "split": split})
             writers[split].write_json({"text": raw.decode("utf-8"), "source": item.path})
             kept += 1
             kept_bytes += n
