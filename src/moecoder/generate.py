@@ -237,8 +237,14 @@ class StopMatcher:
         return out
 
 
-def _text_events(model, tokenizer, prompts, max_new_tokens, params, eos_ids, stop, seeds, compile):
-    """(row, token, text, finish) events: generate_stream plus detokenization and stop strings."""
+def text_events(model: Transformer, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                params: SamplingParams = SamplingParams(), eos_ids: Iterable[int] = (), stop: Sequence[str] = (),
+                seeds: Sequence[int] | None = None,
+                compile: bool = False) -> Iterator[tuple[int, int | None, str, str | None]]:
+    """(row, token, text, finish) events: generate_stream plus detokenization and stop strings.
+
+    `text` is the whole-character text that became safe to show with this event (may be empty).
+    """
     B = len(prompts)
     decoders = [tokenizer.stream_decoder() for _ in range(B)]
     matchers = [StopMatcher(stop) for _ in range(B)]
@@ -272,7 +278,7 @@ def stream_text(model: Transformer, tokenizer, prompts: Sequence[Sequence[int]],
     """Like generate_stream, but yields (row, text, finish): text pieces are whole characters
     (possibly empty on the finishing event). A stop string ends its row with "stop"; the text
     before it is kept, the stop string itself is not."""
-    for b, _, text, finish in _text_events(model, tokenizer, prompts, max_new_tokens, params, eos_ids, stop,
+    for b, _, text, finish in text_events(model, tokenizer, prompts, max_new_tokens, params, eos_ids, stop,
                                            seeds, compile):
         if text or finish is not None:
             yield b, text, finish
@@ -284,7 +290,7 @@ def generate_text(model: Transformer, tokenizer, prompts: Sequence[Sequence[int]
                   compile: bool = False) -> list[Completion]:
     """Generate and detokenize; `tokens` holds every id sampled up to the end (stop string included)."""
     out = [Completion() for _ in prompts]
-    for b, tok, text, finish in _text_events(model, tokenizer, prompts, max_new_tokens, params, eos_ids, stop,
+    for b, tok, text, finish in text_events(model, tokenizer, prompts, max_new_tokens, params, eos_ids, stop,
                                              seeds, compile):
         if tok is not None:
             out[b].tokens.append(tok)
