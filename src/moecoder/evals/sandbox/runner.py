@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import select
 import selectors
 import shutil
 import signal
@@ -133,6 +134,19 @@ class Sandbox:
 
         Nothing the sample does is trusted: its exit code, output and any files it leaves are data."""
         limits = limits or SandboxLimits()
+        base, cfg = self._prepare(argv, files, limits, env)
+        try:
+            proc = Launched(self, cfg, limits, stdin=stdin is not None, stderr=True)
+            try:
+                return self._supervise(proc, limits, stdin)
+            finally:
+                proc.close()
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+
+    def _prepare(self, argv: list[str], files: dict[str, str | bytes] | None, limits: SandboxLimits,
+                 env: dict[str, str] | None) -> tuple[str, dict[str, Any]]:
+        """Make the private work dir (host side) and the launcher config."""
         if not argv:
             raise ValueError("sandbox argv is empty")
         exe = argv[0] if os.path.isabs(argv[0]) else shutil.which(argv[0])
@@ -155,65 +169,38 @@ class Sandbox:
                 for dirpath, _dirs, names in os.walk(work):
                     for p in [dirpath, *(os.path.join(dirpath, n) for n in names)]:
                         os.chown(p, NOBODY, NOBODY)
-            home = WORK_IN_NS if self.namespaces else work
-            cfg = {
-                "argv": [exe, *argv[1:]],
-                "env": {**BASE_ENV, "HOME": home, "TMPDIR": "/tmp" if self.namespaces else work, **(env or {})},
-                "limits": limits.to_dict(),
-                "namespaces": self.namespaces,
-                "landlock": self.report.landlock and self.namespaces,
-                "seccomp": self.report.seccomp and self.namespaces,
-                "host_workdir": work,
-                "root_dir": root,
-                "binds": self.binds,
-                "symlinks": self.symlinks,
-                "hide": self.hide,
-                "drop_to": drop_to,
-            }
-            return self._launch(cfg, limits, stdin)
-        finally:
+        except BaseException:
             shutil.rmtree(base, ignore_errors=True)
+            raise
+        home = WORK_IN_NS if self.namespaces else work
+        cfg = {
+            "argv": [exe, *argv[1:]],
+            "env": {**BASE_ENV, "HOME": home, "TMPDIR": "/tmp" if self.namespaces else work, **(env or {})},
+            "limits": limits.to_dict(),
+            "namespaces": self.namespaces,
+            "landlock": self.report.landlock and self.namespaces,
+            "seccomp": self.report.seccomp and self.namespaces,
+            "host_workdir": work,
+            "root_dir": root,
+            "binds": self.binds,
+            "symlinks": self.symlinks,
+            "hide": self.hide,
+            "drop_to": drop_to,
+        }
+        return base, cfg
 
-    def _launch(self, cfg: dict[str, Any], limits: SandboxLimits, stdin: bytes | None) -> RunResult:
-        cfg_r, cfg_w = os.pipe()
-        st_r, st_w = os.pipe()
-        sy_r, sy_w = os.pipe()
-        cfg.update(status_fd=st_w, sync_fd=sy_r, parent_pid=os.getpid())
-        t0 = time.monotonic()
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-B", str(LAUNCHER), str(cfg_r)],
-                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(cfg_r, st_w, sy_r),
-                start_new_session=True, env={"LANG": "C.UTF-8"}, cwd=os.path.dirname(cfg["root_dir"]))
-        finally:
-            os.close(cfg_r)
-            os.close(st_w)
-            os.close(sy_r)
-        with os.fdopen(cfg_w, "wb") as f:
-            f.write(json.dumps(cfg).encode())
-        try:
-            return self._supervise(proc, st_r, sy_w, limits, stdin, t0)
-        finally:
-            os.close(st_r)
-            os.close(sy_w)
-
-    def _supervise(self, proc: subprocess.Popen, st_r: int, sy_w: int, limits: SandboxLimits,
-                   stdin: bytes | None, t0: float) -> RunResult:
+    def _supervise(self, proc: "Launched", limits: SandboxLimits, stdin: bytes | None) -> RunResult:
         out = {"stdout": bytearray(), "stderr": bytearray()}
-        status_buf = bytearray()
-        msgs: list[dict] = []
-        init_pid = None
         truncated = False
-        deadline = t0 + limits.wall_s + 10.0  # backstop; the launcher enforces wall_s itself
+        deadline = proc.t0 + limits.wall_s + 10.0  # backstop; the launcher enforces wall_s itself
         sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ, "stdout")
-        sel.register(proc.stderr, selectors.EVENT_READ, "stderr")
-        sel.register(st_r, selectors.EVENT_READ, "status")
+        sel.register(proc.proc.stdout, selectors.EVENT_READ, "stdout")
+        sel.register(proc.proc.stderr, selectors.EVENT_READ, "stderr")
+        sel.register(proc.st_r, selectors.EVENT_READ, "status")
         pending_in = memoryview(stdin or b"")
-        if proc.stdin is not None:
-            os.set_blocking(proc.stdin.fileno(), False)
-            sel.register(proc.stdin, selectors.EVENT_WRITE, "stdin")
+        if proc.proc.stdin is not None:
+            os.set_blocking(proc.proc.stdin.fileno(), False)
+            sel.register(proc.proc.stdin, selectors.EVENT_WRITE, "stdin")
         try:
             while sel.get_map():
                 remaining = deadline - time.monotonic()
@@ -222,70 +209,36 @@ class Sandbox:
                 for key, _ in sel.select(timeout=remaining):
                     if key.data == "stdin":
                         try:
-                            n = os.write(key.fd, pending_in[:65536])
-                            pending_in = pending_in[n:]
+                            pending_in = pending_in[os.write(key.fd, pending_in[:65536]):]
                         except (BrokenPipeError, BlockingIOError):
                             pending_in = pending_in[:0]
                         if not pending_in:
                             sel.unregister(key.fileobj)
-                            proc.stdin.close()
+                            proc.proc.stdin.close()
                         continue
                     chunk = os.read(key.fd, 65536)
                     if not chunk:
                         sel.unregister(key.fileobj)
-                        continue
-                    if key.data == "status":
-                        status_buf += chunk
-                        while b"\n" in status_buf:
-                            line, _, rest = bytes(status_buf).partition(b"\n")
-                            status_buf = bytearray(rest)
-                            msg = json.loads(line)
-                            msgs.append(msg)
-                            if msg.get("stage") == "userns":
-                                self._write_id_maps(proc.pid)
-                                os.write(sy_w, b"go")
-                            elif "pid" in msg:
-                                init_pid = msg["pid"]
-                        continue
-                    buf = out[key.data]
-                    room = limits.output_bytes - len(buf)
-                    buf += chunk[:max(room, 0)]
-                    if len(chunk) > room and not truncated:
-                        truncated = True  # stop the sample: nothing it prints past the cap is needed
-                        _kill(init_pid)
-                        _kill(proc.pid, group=True)
+                    elif key.data == "status":
+                        proc.feed_status(chunk)
+                    else:
+                        buf = out[key.data]
+                        room = limits.output_bytes - len(buf)
+                        buf += chunk[:max(room, 0)]
+                        if len(chunk) > room and not truncated:
+                            truncated = True  # stop the sample: nothing it prints past the cap is needed
+                            proc.kill()
         finally:
             sel.close()
-            _kill(init_pid)
-            _kill(proc.pid, group=True)
-            proc.wait()
-            for f in (proc.stdin, proc.stdout, proc.stderr):
-                if f is not None and not f.closed:
-                    f.close()
-        wall = time.monotonic() - t0
-        errors = [m["setup_error"] for m in msgs if "setup_error" in m]
-        final = next((m for m in msgs if "exit" in m), None)
-        if errors:
-            raise SandboxError(f"sandbox setup failed: {errors[0]}")
+        proc.kill()
+        proc.raise_setup_error()
+        final = proc.final
         if final is None:
-            if truncated:
-                final = {"exit": None, "signal": signal.SIGKILL, "timed_out": False}
-            elif time.monotonic() >= deadline:
-                final = {"exit": None, "signal": signal.SIGKILL, "timed_out": True}
-            else:
-                raise SandboxError(f"sandbox launcher ended without a report (exit {proc.returncode})")
-        sig = final.get("signal")
-        cpu_s = float(final.get("cpu_s", 0.0))
-        maxrss = int(final.get("maxrss_kb", 0))
-        timed_out = bool(final.get("timed_out")) or sig == signal.SIGXCPU or (
-            sig == signal.SIGKILL and cpu_s >= limits.cpu_s)
-        memory = (b"MemoryError" in bytes(out["stderr"][-4096:]) or maxrss * 1024 >= 0.9 * (limits.memory_mb << 20))
-        return RunResult(
-            returncode=final["exit"] if final.get("exit") is not None else -(sig or 0),
-            stdout=bytes(out["stdout"]), stderr=bytes(out["stderr"]), timed_out=timed_out,
-            memory_exceeded=memory and not timed_out, output_truncated=truncated,
-            wall_s=float(final.get("wall_s", wall)), signal=sig, cpu_s=cpu_s, maxrss_kb=maxrss,
-            tier=self.tier.name)
+            if not truncated and time.monotonic() < deadline:
+                raise SandboxError(f"sandbox launcher ended without a report (exit {proc.proc.poll()})")
+            final = {"exit": None, "signal": int(signal.SIGKILL), "timed_out": not truncated}
+        return result_from_final(final, limits, bytes(out["stdout"]), bytes(out["stderr"]), truncated,
+                                 time.monotonic() - proc.t0, self.tier)
 
     @staticmethod
     def _write_id_maps(pid: int) -> None:
@@ -302,3 +255,106 @@ class Sandbox:
         from moecoder.evals.sandbox.rpc import CallSession
 
         return CallSession(self, code, entry_point, limits or SandboxLimits())
+
+
+def result_from_final(final: dict, limits: SandboxLimits, stdout: bytes, stderr: bytes, truncated: bool,
+                      wall: float, tier: IsolationTier) -> RunResult:
+    """Turn the launcher's final report into a RunResult (timeout and memory read from signals/usage)."""
+    sig = final.get("signal")
+    cpu_s = float(final.get("cpu_s", 0.0))
+    maxrss = int(final.get("maxrss_kb", 0))
+    timed_out = bool(final.get("timed_out")) or sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu_s >= limits.cpu_s)
+    memory = b"MemoryError" in stderr[-4096:] or maxrss * 1024 >= 0.9 * (limits.memory_mb << 20)
+    return RunResult(
+        returncode=final["exit"] if final.get("exit") is not None else -(sig or 0),
+        stdout=stdout, stderr=stderr, timed_out=timed_out, memory_exceeded=memory and not timed_out,
+        output_truncated=truncated, wall_s=float(final.get("wall_s", wall)), signal=sig, cpu_s=cpu_s,
+        maxrss_kb=maxrss, tier=tier.name)
+
+
+class Launched:
+    """One launched sample: the launcher process, its status channel and the id-map handshake."""
+
+    def __init__(self, sandbox: Sandbox, cfg: dict[str, Any], limits: SandboxLimits, stdin: bool,
+                 stderr: bool) -> None:
+        cfg_r, cfg_w = os.pipe()
+        self.st_r, st_w = os.pipe()
+        sy_r, self.sy_w = os.pipe()
+        cfg.update(status_fd=st_w, sync_fd=sy_r, parent_pid=os.getpid())
+        self.limits = limits
+        self.init_pid: int | None = None
+        self.final: dict | None = None
+        self.setup_errors: list[str] = []
+        self._status_buf = bytearray()
+        self.t0 = time.monotonic()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-B", str(LAUNCHER), str(cfg_r)],
+                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE if stderr else subprocess.DEVNULL, pass_fds=(cfg_r, st_w, sy_r),
+                start_new_session=True, env={"LANG": "C.UTF-8"}, cwd=os.path.dirname(cfg["root_dir"]))
+        except BaseException:
+            os.close(cfg_w)
+            os.close(self.st_r)
+            os.close(self.sy_w)
+            raise
+        finally:
+            os.close(cfg_r)
+            os.close(st_w)
+            os.close(sy_r)
+        with os.fdopen(cfg_w, "wb") as f:
+            f.write(json.dumps(cfg).encode())
+
+    def feed_status(self, chunk: bytes) -> None:
+        self._status_buf += chunk
+        while b"\n" in self._status_buf:
+            line, _, rest = bytes(self._status_buf).partition(b"\n")
+            self._status_buf = bytearray(rest)
+            msg = json.loads(line)
+            if msg.get("stage") == "userns":
+                Sandbox._write_id_maps(self.proc.pid)
+                os.write(self.sy_w, b"go")
+            elif "pid" in msg:
+                self.init_pid = msg["pid"]
+            elif "setup_error" in msg:
+                self.setup_errors.append(msg["setup_error"])
+            elif "exit" in msg:
+                self.final = msg
+
+    def pump_status(self, until, timeout: float) -> bool:
+        """Read status messages until `until()` holds or the channel closes; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while not until():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            ready, _, _ = select.select([self.st_r], [], [], remaining)
+            if ready:
+                chunk = os.read(self.st_r, 65536)
+                if not chunk:
+                    return until()
+                self.feed_status(chunk)
+        return True
+
+    def raise_setup_error(self) -> None:
+        if self.setup_errors:
+            raise SandboxError(f"sandbox setup failed: {self.setup_errors[0]}")
+
+    def kill(self) -> None:
+        _kill(self.init_pid)
+        _kill(self.proc.pid, group=True)
+
+    def close(self) -> None:
+        self.kill()
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if f is not None and not f.closed:
+                try:
+                    f.close()
+                except OSError:
+                    pass
+        for fd in (self.st_r, self.sy_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
