@@ -44,19 +44,16 @@ def make_sandbox(min_tier: str | None) -> tuple[Any, str]:
     tier = None
     if min_tier:
         try:
-            tier = IsolationTier(min_tier)
-        except ValueError:
-            try:
-                tier = IsolationTier[min_tier.upper()]
-            except KeyError:
-                names = ", ".join(str(getattr(t, "value", t)) for t in IsolationTier)
-                raise UserError(f"unknown --min-tier {min_tier!r}; choose one of: {names}") from None
+            tier = IsolationTier[min_tier.upper()]
+        except KeyError:
+            names = ", ".join(t.name.lower() for t in IsolationTier)
+            raise UserError(f"unknown --min-tier {min_tier!r}; choose one of: {names}") from None
     try:
         sandbox = Sandbox(min_tier=tier, opt_in=True) if tier is not None else Sandbox(opt_in=True)
     except SandboxRefused as e:
         raise UserError(f"sandbox refused: {e}") from None
     t = getattr(sandbox, "tier", None)
-    return sandbox, str(getattr(t, "value", t))
+    return sandbox, str(getattr(t, "name", t)).lower()
 
 
 def _slug(s: str) -> str:

@@ -25,15 +25,15 @@ class LocalBackend:
 
     def __init__(self, model_dir: str | Path | None = None, chat: bool = True, device: str = "cpu",
                  dtype: str = "float32"):
-        import torch
-
-        from moecoder.checkpoint import CheckpointError, load_checkpoint
-        from moecoder.tokenizer import Tokenizer, TokenizerError
-
         folder = Path(model_dir) if model_dir else DEFAULT_MODEL_DIR
         if not folder.is_dir():
             hint = "" if model_dir else " (no bundled default model; pass --model PATH)"
             raise BackendError(f"model folder not found: {folder}{hint}")
+        import torch  # only now: a wrong path should fail fast, without loading torch
+
+        from moecoder.checkpoint import CheckpointError, load_checkpoint
+        from moecoder.tokenizer import Tokenizer, TokenizerError
+
         try:
             ckpt = load_checkpoint(folder, dtype=getattr(torch, dtype), device=device)
             self.tokenizer = Tokenizer.from_dir(folder)
