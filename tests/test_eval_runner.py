@@ -129,7 +129,7 @@ def test_full_run_reproduces_hand_computed_report(tmp_path):
     assert a["usd_per_solved_task"] == pytest.approx(cost / 2)  # add and mul solved
     md = markdown_report([s])
     assert "| fake-coder | 50.0% | — | — | 3.80 |" in md
-    assert "40.0% [11.8–76.9]" in md  # Wilson 95% CI of 2/5, computed by hand in test_eval_metrics
+    assert "| pass@1=50.0% | 40.0% [11.8–76.9] |" in md  # Wilson 95% CI of 2/5: by hand in test_eval_metrics
     assert "60.0% [23.1–88.2]" in md  # 3/5
     assert "$0.0008" in md and "$0.0004" in md
     assert "extract 1, fail 1, infra 1, pass 2, syntax 1" in md

@@ -124,16 +124,16 @@ def model_table(runs: list[RunSummary]) -> Table:
 
 
 def detail_table(runs: list[RunSummary]) -> Table:
-    header = ["Run", "Model", "Suite", "Tasks", "Samples", "pass@1 [95% CI]", "pass@k", "Syntax accuracy [CI]",
+    header = ["Run", "Model", "Suite", "Tasks", "Samples", "pass@k", "Pass rate [95% CI]", "Syntax accuracy [CI]",
               "Logical correctness [CI]", "Latency p50 / p95", "TTFT p50", "Output tokens", "Cost", "$ / solved task",
               "Statuses"]
     rows = []
     for s in runs:
         a = s.overall
-        ks = ", ".join(f"{k}={pct(v)}" for k, v in a.items() if k.startswith("pass@") and k != "pass@1") or "—"
+        ks = ", ".join(f"{k}={pct(v)}" for k, v in a.items() if k.startswith("pass@")) or "—"
         rows.append([
             s.run_dir.name, s.model, s.suite, str(a["tasks"]), str(a["samples"]),
-            pct_ci(a["pass_rate"], a["pass_rate_ci"]) if "pass@1" in a else "—", ks,
+            ks, pct_ci(a["pass_rate"], a["pass_rate_ci"]),
             pct_ci(a["syntax_accuracy"], a["syntax_accuracy_ci"]),
             pct_ci(a["logical_correctness"], a["logical_correctness_ci"]),
             f"{secs(a['latency_p50_s'])} / {secs(a['latency_p95_s'])}", secs(a["ttft_p50_s"]),
@@ -142,7 +142,8 @@ def detail_table(runs: list[RunSummary]) -> Table:
             ", ".join(f"{k} {v}" for k, v in a["status_counts"].items()),
         ])
     return Table("Details", header, rows, "Samples with status infra/skipped are excluded from accuracy figures. "
-                 "CIs: Wilson for proportions, seeded percentile bootstrap for logical correctness.")
+                 "pass@k: unbiased estimator (Chen et al.) averaged over tasks; pass rate: passing samples / "
+                 "scored samples. CIs: Wilson for proportions, seeded percentile bootstrap for logical correctness.")
 
 
 def tables(runs: list[RunSummary]) -> list[Table]:
