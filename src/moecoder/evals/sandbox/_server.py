@@ -43,14 +43,22 @@ def main() -> None:
     send({"ok": True})
     while (req := recv()) is not None:
         fn = namespace.get(req["name"])
-        try:
-            if not callable(fn):
-                raise NameError(f"name {req['name']!r} is not defined as a function")
-            # Encoding is inside the try: an unsupported return type is the candidate's error.
-            body = _codec.dumps({"ok": True, "value": fn(*req["args"])})
-        except BaseException as e:  # noqa: BLE001
-            body = _codec.dumps({"ok": False, "error": _describe(e)})
+        if "batch" in req:  # several calls in one round trip; each item succeeds or fails on its own
+            body = _codec.dumps({"ok": True, "results": [_call(fn, req["name"], args) for args in req["batch"]]})
+        else:
+            body = _codec.dumps(_call(fn, req["name"], req["args"]))
         _write_all(wfd, struct.pack(">I", len(body)) + body)
+
+
+def _call(fn, name: str, args: list) -> dict:
+    try:
+        if not callable(fn):
+            raise NameError(f"name {name!r} is not defined as a function")
+        value = fn(*args)
+        _codec.to_tagged(value)  # an unsupported return type is the candidate's error
+        return {"ok": True, "value": value}
+    except BaseException as e:  # noqa: BLE001
+        return {"ok": False, "error": _describe(e)}
 
 
 def _describe(e: BaseException) -> str:

@@ -93,7 +93,23 @@ class CallSession:
             raise ValueError(f"argument cannot be sent to the sandbox: {e}") from None
         return self._request(msg, timeout if timeout is not None else self.limits.wall_s)
 
-    def _request(self, msg: dict, timeout: float) -> CallResult:
+    def call_many(self, args_list: list[list], timeout: float | None = None, name: str | None = None
+                  ) -> list[CallResult]:
+        """Several calls in one round trip (one timeout for all). On timeout or crash every item gets
+        that result, since which call hung cannot be known."""
+        if not self.loaded:
+            return [self.load_result or CallResult(ok=False, error="session not started", kind="crash")] * len(args_list)
+        msg = {"name": name or self.entry_point, "batch": [list(a) for a in args_list]}
+        try:
+            dumps(msg)
+        except CodecError as e:
+            raise ValueError(f"argument cannot be sent to the sandbox: {e}") from None
+        res = self._request(msg, timeout if timeout is not None else self.limits.wall_s, batch=True)
+        if isinstance(res, CallResult):
+            return [res] * len(args_list)
+        return res
+
+    def _request(self, msg: dict, timeout: float, batch: bool = False):
         if self._dead is not None:
             return self._dead
         body = dumps(msg)
@@ -106,13 +122,15 @@ class CallSession:
             return self._die(self._why_dead())
         except CodecError as e:
             return self._die(CallResult(ok=False, error=f"protocol violation: {e}", kind="crash"))
-        if type(reply) is not dict or type(reply.get("ok")) is not bool:
-            return self._die(CallResult(ok=False, error="protocol violation: malformed reply", kind="crash"))
-        if reply["ok"]:
-            return CallResult(ok=True, value=reply.get("value"))
-        error = reply.get("error")
-        error = error[:500] if type(error) is str else "unknown error"
-        return CallResult(ok=False, error=error, kind="memory" if error.startswith("MemoryError") else "error")
+        if batch:
+            items = reply.get("results") if type(reply) is dict else None
+            if type(items) is not list or len(items) != len(msg["batch"]):
+                return self._die(CallResult(ok=False, error="protocol violation: malformed batch", kind="crash"))
+            results = [_to_result(item) for item in items]
+            bad = next((r for r in results if r.kind == "crash"), None)
+            return self._die(bad) if bad else results
+        result = _to_result(reply)
+        return self._die(result) if result.kind == "crash" else result
 
     def _read_frame(self, deadline: float):
         head = self._read_exact(4, deadline)
@@ -149,6 +167,16 @@ class CallSession:
         if self._proc is not None:
             self._proc.kill()
         return result
+
+
+def _to_result(reply) -> CallResult:
+    if type(reply) is not dict or type(reply.get("ok")) is not bool:
+        return CallResult(ok=False, error="protocol violation: malformed reply", kind="crash")
+    if reply["ok"]:
+        return CallResult(ok=True, value=reply.get("value"))
+    error = reply.get("error")
+    error = error[:500] if type(error) is str else "unknown error"
+    return CallResult(ok=False, error=error, kind="memory" if error.startswith("MemoryError") else "error")
 
 
 class _Timeout(Exception):

@@ -134,6 +134,7 @@ def run_harness(
     *,
     wall_s: float = 60.0,
     memory_mb: int = 2048,
+    binds: list[str] | None = None,
 ) -> RunOutcome:
     """Run `python <script>` with `files` in the sandbox; the harness reads `config` (JSON) on stdin.
 
@@ -143,7 +144,7 @@ def run_harness(
     nonce = secrets.token_hex(8)
     payload = json.dumps({**config, "report_marker": f"{REPORT_MARKER}-{nonce}"})
     argv = [sys.executable, "-B", script]
-    result = _sandbox_run(sandbox, argv, files, wall_s=wall_s, memory_mb=memory_mb, stdin=payload)
+    result = _sandbox_run(sandbox, argv, files, wall_s=wall_s, memory_mb=memory_mb, stdin=payload, binds=binds)
     return RunOutcome(result, parse_report(result.stdout or "", f"{REPORT_MARKER}-{nonce}"))
 
 
@@ -158,18 +159,36 @@ def parse_report(stdout: str, marker: str) -> dict[str, Any] | None:
 
 
 def _sandbox_run(sandbox: Any, argv: list[str], files: dict[str, str], *, wall_s: float, memory_mb: int,
-                 stdin: str | None) -> Any:
+                 stdin: str | None, binds: list[str] | None = None) -> Any:
     try:
         from moecoder.evals.sandbox import SandboxLimits  # engineer F's module
     except ImportError:
         return _plain_run(argv, files, wall_s, stdin)
     if sandbox is None:
-        from moecoder.evals.sandbox import Sandbox
-
-        sandbox = Sandbox()
+        raise ValueError("workflow tasks run candidate code: pass a moecoder.evals.sandbox.Sandbox")
+    if binds:
+        sandbox = with_read_only(sandbox, binds)
     limits = SandboxLimits(wall_s=wall_s, cpu_s=wall_s, memory_mb=memory_mb, fsize_mb=64, nofile=256,
                            output_bytes=1 << 20)
-    return sandbox.run(argv, files=files, limits=limits, stdin=stdin)
+    r = sandbox.run(argv, files=files, limits=limits, stdin=None if stdin is None else stdin.encode())
+    # The sandbox returns bytes; harness reports are text.
+    r.stdout = r.stdout.decode("utf-8", "replace") if isinstance(r.stdout, bytes) else r.stdout
+    r.stderr = r.stderr.decode("utf-8", "replace") if isinstance(r.stderr, bytes) else r.stderr
+    return r
+
+
+_derived: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+
+def with_read_only(sandbox: Any, paths: list[str]) -> Any:
+    """The same sandbox plus read-only binds of `paths` (e.g. PostgreSQL's socket directory).
+
+    The caller already opted in by handing us a sandbox; its probe report is reused, not redone."""
+    key = (id(sandbox), tuple(sorted(paths)))
+    if key not in _derived:
+        _derived[key] = type(sandbox)(min_tier=sandbox.tier, opt_in=True, hide=list(sandbox.hide),
+                                      extra_ro=list(paths), report=sandbox.report)
+    return _derived[key]
 
 
 def decide(checks: list[tuple[str, Callable[[], bool]]], base: Verdict) -> Verdict:

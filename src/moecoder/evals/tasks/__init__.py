@@ -1,0 +1,1 @@
+"""Evaluation tasks: each owns its prompts and its checks (the executor never knows a task's logic)."""
