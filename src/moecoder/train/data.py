@@ -243,8 +243,7 @@ def build_corpus(sources: list[Path] | None, out_dir: Path, options: BuildOption
     srcs = [Path(s) for s in sources] if sources else default_sources()
     if not srcs:
         raise DataError("no sources given and no stdlib/site-packages found")
-    search = list(dict.fromkeys([*map(Path, sys.path), *srcs, *(s.parent for s in srcs)]))
-    licences = LicenceIndex([p for p in search if p.is_dir()])
+    licences = LicenceIndex(_licence_search_paths(srcs))
     items = _enumerate(srcs, licences)
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -317,6 +316,20 @@ def build_corpus(sources: list[Path] | None, out_dir: Path, options: BuildOption
     }
     write_json_atomic(out_dir / "stats.json", stats)
     return stats
+
+
+def _licence_search_paths(srcs: list[Path]) -> list[Path]:
+    """Folders whose installed distributions can own a source file: those above or below a source.
+
+    Reading every RECORD on sys.path costs seconds; distributions elsewhere cannot claim these files anyway.
+    """
+    resolved = [s.resolve() for s in srcs]
+    out = []
+    for p in dict.fromkeys([*map(Path, sys.path), *srcs, *(s.parent for s in srcs)]):
+        r = p.resolve()
+        if r.is_dir() and any(s.is_relative_to(r) or r.is_relative_to(s) for s in resolved):
+            out.append(p)
+    return out
 
 
 def _filter(raw: bytes, opts: BuildOptions) -> str | None:

@@ -34,19 +34,23 @@ def dtype_for_vocab(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size < 65536 else np.dtype(np.uint32)
 
 
-def _init_worker(tokenizer_file: str, in_pool: bool) -> None:
+def _init_worker(tokenizer_file: str) -> None:
     global _worker_tok
-    if in_pool:  # one process per core already; tokenizers' own thread pool would only oversubscribe the cores
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # One process per core already; tokenizers' own thread pool would only oversubscribe the cores.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from tokenizers import Tokenizer
 
     _worker_tok = Tokenizer.from_file(tokenizer_file)
 
 
 def _encode_docs(args: tuple[list[str], int, str]) -> tuple[bytes, int]:
-    """Tokenise a batch of documents, each followed by eos; returns (packed bytes, token count)."""
-    texts, eos_id, dtype = args
-    encs = _worker_tok.encode_batch(texts, add_special_tokens=False)
+    """Worker task: _encode with this process's tokenizer."""
+    return _encode(_worker_tok, *args)
+
+
+def _encode(tok, texts: list[str], eos_id: int, dtype: str) -> tuple[bytes, int]:
+    """Tokenise a batch of documents, each followed by eos; returns (packed little-endian bytes, token count)."""
+    encs = tok.encode_batch(texts, add_special_tokens=False)
     parts = []
     for e in encs:
         parts.append(np.asarray(e.ids, dtype=dtype))
@@ -131,14 +135,11 @@ def tokenize_corpus(corpus_dir: Path, tokenizer_dir: Path, out_dir: Path, worker
     eos_id, vocab_size = eos_id_of(tok), tok.get_vocab_size()
     dtype = dtype_for_vocab(vocab_size)
     tok_file = str(tokenizer_dir / "tokenizer.json")
-    del tok
 
     t0 = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     n_docs = {s: count_lines(corpus_dir / f"{s}.jsonl") for s in splits}
-    pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tok_file, True)) if workers > 1 else None
-    if pool is None:
-        _init_worker(tok_file, False)
+    pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tok_file,)) if workers > 1 else None
     bar = _Progress(sum(n_docs.values())) if progress else None
     index_splits = {}
     try:
@@ -146,8 +147,8 @@ def tokenize_corpus(corpus_dir: Path, tokenizer_dir: Path, out_dir: Path, worker
             writer = _ShardWriter(out_dir, split, shard_tokens, dtype.itemsize)
             try:
                 total = 0
-                for data, n_tok, n_batch in _run(pool, workers, _batches(corpus_dir / f"{split}.jsonl", DOCS_PER_TASK),
-                                                 eos_id, dtype.str):
+                batches = _batches(corpus_dir / f"{split}.jsonl", DOCS_PER_TASK)
+                for data, n_tok, n_batch in _run(pool, tok, workers, batches, eos_id, dtype.str):
                     writer.write(data)
                     total += n_tok
                     if bar is not None:
@@ -196,11 +197,11 @@ def _remove_stale_shards(out_dir: Path, index_splits: dict) -> None:
                 p.unlink()
 
 
-def _run(pool, workers: int, batches: Iterator[list[str]], eos_id: int, dtype: str):
+def _run(pool, tok, workers: int, batches: Iterator[list[str]], eos_id: int, dtype: str):
     """Yield (bytes, n_tokens, n_docs) per batch in input order, keeping at most 2*workers batches in flight."""
     if pool is None:
         for b in batches:
-            data, n = _encode_docs((b, eos_id, dtype))
+            data, n = _encode(tok, b, eos_id, dtype)
             yield data, n, len(b)
         return
     pending: deque = deque()
