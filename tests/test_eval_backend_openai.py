@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from fake_openai_server import FakeOpenAIServer, Reply, scripted
+
 from moecoder.evals.backends.base import BackendError, Sampling, estimate_tokens
 from moecoder.evals.backends.openai_http import OpenAIBackend
 from moecoder.evals.types import Prompt
@@ -75,9 +75,8 @@ def test_retry_after_header_is_respected():
 
 def test_rejected_key_stops_instead_of_retrying(monkeypatch):
     monkeypatch.setenv("K", "bad")
-    with FakeOpenAIServer(scripted([Reply(status=401)])) as srv:
-        with pytest.raises(BackendError, match="rejected the API key"):
-            backend(srv.url, api_key_env="K").generate(PROMPT, Sampling())
+    with FakeOpenAIServer(scripted([Reply(status=401)])) as srv, pytest.raises(BackendError, match="rejected the API key"):
+        backend(srv.url, api_key_env="K").generate(PROMPT, Sampling())
     assert len(srv.hits) == 1
 
 

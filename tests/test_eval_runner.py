@@ -8,13 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
 from fake_openai_server import FakeOpenAIServer, Reply
+
 from moecoder.evals.backends.base import Sampling
 from moecoder.evals.backends.openai_http import OpenAIBackend
 from moecoder.evals.prices import PriceTable
 from moecoder.evals.report import html_report, load_summary, markdown_report
-from moecoder.evals.runner import RunConfig, Runner, RunError, load_records
+from moecoder.evals.runner import RunConfig, RunError, Runner, load_records
 from moecoder.evals.templates import get_template
 from moecoder.evals.types import Prompt, Status, Verdict
 
@@ -40,7 +40,7 @@ class FakeTask:
     def evaluate(self, code, sandbox):
         self.evaluated.append(code)
         ns: dict = {}
-        exec(code, ns)
+        exec(code, ns)  # noqa: S102  (scripted answers written in this file, not model output)
         fn = ns.get(self.entry_point)
         if fn is None:
             return Verdict(Status.FAIL, 0, len(self.checks), detail=f"{self.entry_point} not defined")

@@ -6,9 +6,9 @@ import json
 import textwrap
 
 import pytest
+from fake_openai_server import FakeOpenAIServer, Reply
 from typer.testing import CliRunner
 
-from fake_openai_server import FakeOpenAIServer, Reply
 from moecoder.cli import UserError, app
 from moecoder.evals import swebench
 from moecoder.evals.swebench import SweBenchDataError, extract_patch, load_instances

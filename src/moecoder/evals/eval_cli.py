@@ -111,11 +111,11 @@ def run_cmd(
     if backend == "openai":
         if not model:
             raise UserError("--backend openai needs --model NAME")
-        kwargs: dict[str, Any] = dict(model=model, base_url=base_url, api_key_env=api_key_env,
-                                      api=api or ("chat" if tmpl.style == "instruction" else "completions"),
-                                      timeout=timeout, max_retries=max_retries)
+        kwargs: dict[str, Any] = {
+            "model": model, "base_url": base_url, "api_key_env": api_key_env, "timeout": timeout,
+            "api": api or ("chat" if tmpl.style == "instruction" else "completions"), "max_retries": max_retries}
     elif backend == "local":
-        kwargs = dict(model_dir=model, chat=tmpl.style == "instruction", device=device)
+        kwargs = {"model_dir": model, "chat": tmpl.style == "instruction", "device": device}
     else:
         raise UserError(f"unknown backend {backend!r}; choose local or openai")
 

@@ -80,7 +80,7 @@ def parses(code: str) -> bool:
 
 
 def _defines(code: str, name: str) -> bool:
-    return re.search(rf"^\s*(async\s+)?(def|class)\s+{re.escape(name)}\b", code, re.M) is not None
+    return re.search(rf"^\s*(async\s+)?(def|class)\s+{re.escape(name)}\b", code, re.MULTILINE) is not None
 
 
 def extract_code(text: str, entry_point: str | None = None) -> str | None:

@@ -84,11 +84,11 @@ def load_instances(path: str | Path) -> list[SweInstance]:
 def extract_patch(text: str) -> str | None:
     """The unified diff in an answer: a ```diff/```patch block, else an untagged block that looks like
     a diff, else the raw answer when it starts as one. None when there is no diff."""
-    looks = re.compile(r"^(diff --git |--- )", re.M)
+    looks = re.compile(r"^(diff --git |--- )", re.MULTILINE)
     blocks = fenced_blocks(text)
     chosen = [b for b in blocks if b.lang in ("diff", "patch")] or [b for b in blocks if not b.lang and looks.search(b.code)]
     patch = chosen[0].code if chosen else (text if looks.match(text.lstrip()) else None)
-    if not patch or not re.search(r"^\+\+\+ ", patch, re.M):
+    if not patch or not re.search(r"^\+\+\+ ", patch, re.MULTILINE):
         return None
     return patch if patch.endswith("\n") else patch + "\n"
 
@@ -112,7 +112,7 @@ def docker_usable() -> bool:
     if shutil.which("docker") is None:
         return False
     try:
-        return subprocess.run(["docker", "info"], capture_output=True, timeout=30).returncode == 0
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=30, check=False).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
 
@@ -134,7 +134,7 @@ def grade(run_dir: Path, records: list[dict[str, Any]], model_name: str, dataset
         run_id = f"moecoder-{run_dir.name}"
         cmd = [sys.executable, "-m", "swebench.harness.run_evaluation", "--dataset_name", dataset,
                "--predictions_path", str(preds.resolve()), "--run_id", run_id, "--max_workers", str(max_workers)]
-        proc = subprocess.run(cmd, cwd=run_dir, capture_output=True, text=True)
+        proc = subprocess.run(cmd, cwd=run_dir, capture_output=True, text=True, check=False)
         report = run_dir / f"{model_name.replace('/', '__')}.{run_id}.json"
         if proc.returncode != 0 or not report.exists():
             summary["reason"] = f"harness failed (exit {proc.returncode}): {proc.stderr.strip()[-300:]}"
