@@ -35,7 +35,7 @@ FAMILIES = {
                   "norm_topk_prob": False, "mlp_only_layers": [1], "use_sliding_window": True, "sliding_window": 6,
                   "max_window_layers": 2},
     "qwen3_moe": {"num_experts": 6, "moe_intermediate_size": 16, "head_dim": 16, "norm_topk_prob": True,
-                  "decoder_sparse_step": 1, "max_position_embeddings": 64,
+                  "decoder_sparse_step": 2, "max_position_embeddings": 64,
                   "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
                                       "original_max_position_embeddings": 16}},
     "olmoe": {"num_experts": 4, "norm_topk_prob": False, "tie_word_embeddings": True},
