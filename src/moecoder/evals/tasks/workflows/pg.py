@@ -78,7 +78,9 @@ class ThrowawayPostgres:
             except KeyError:
                 raise PostgresUnavailable("running as root and no `postgres` user exists to run the server")
         self.user = run_as.pw_name if run_as else pwd.getpwuid(os.geteuid()).pw_name
-        self.root = Path(tempfile.mkdtemp(prefix="moecoder-pg-"))
+        # Not under /tmp: a sandbox mounts its own /tmp, which would hide the socket directory bound into it.
+        base = "/var/tmp" if os.access("/var/tmp", os.W_OK) else None
+        self.root = Path(tempfile.mkdtemp(prefix="moecoder-pg-", dir=base))
         self._owned_root = True
         (self.root / "sock").mkdir()
         os.chmod(self.root, 0o755)

@@ -39,6 +39,7 @@ class Feed:
         self.closed = False
         self.consumers = 0
         self.n_commits = 0
+        self.lull_until = None
         self.expected = {(r["sensor"], r["start_ms"]): r for r in CFG["expected"]}
 
     def consumer_created(self, consumer):
@@ -56,7 +57,11 @@ class Feed:
         if CFG.get("crash_after") is not None and self.delivered >= CFG["crash_after"]:
             sys.stdout.flush()
             os._exit(CRASH_EXIT_CODE)  # a real crash: no finally blocks, no flushes, in-memory state lost
-        if self.topic not in self.subscribed or self.i >= len(self.queue):
+        lull = CFG.get("lull_after")
+        if lull is not None and self.delivered == lull and self.lull_until is None:
+            self.lull_until = time.monotonic() + CFG["lull_s"]  # a quiet spell: time-based flushes happen here
+        in_lull = self.lull_until is not None and time.monotonic() < self.lull_until
+        if in_lull or self.topic not in self.subscribed or self.i >= len(self.queue):
             t = 0.05 if timeout is None or timeout < 0 else min(0.05, timeout)
             time.sleep(t)
             return None
