@@ -61,8 +61,8 @@ def responder(body, n):
 
 @pytest.fixture
 def fakes(monkeypatch):
-    monkeypatch.setattr(eval_cli, "load_tasks", lambda suite, data: [FakeWorkflow("wf/a", "Refactoring"),
-                                                                     FakeWorkflow("wf/b", "Data engineering")])
+    monkeypatch.setattr(eval_cli, "load_tasks", lambda suite, data: ([FakeWorkflow("wf/a", "Refactoring"),
+                                                                      FakeWorkflow("wf/b", "Data engineering")], None))
     monkeypatch.setattr(eval_cli, "make_sandbox", lambda min_tier: ("fake-sandbox", "namespaces"))
 
 

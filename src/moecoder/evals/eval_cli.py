@@ -16,25 +16,32 @@ SUITES = ("humaneval", "humaneval+", "mbpp", "workflows", "swebench-lite")
 EXECUTES = {"humaneval", "humaneval+", "mbpp", "workflows"}  # suites that run model code in the local sandbox
 
 
-def load_tasks(suite: str, data: str | None) -> list[Any]:
-    """Tasks of a suite; the functional and workflow suites come from their own modules."""
+def load_tasks(suite: str, data: str | None) -> tuple[list[Any], str | None]:
+    """Tasks of a suite and the data file they came from (its sha256 goes into run.json)."""
     if suite == "swebench-lite":
         from moecoder.evals.swebench import load_instances
 
         if not data:
             raise UserError("--suite swebench-lite needs --data PATH (a JSON/JSONL file of SWE-bench instances)")
-        return load_instances(data)
+        return load_instances(data), data
     try:
         if suite == "workflows":
             from moecoder.evals.tasks.workflows import load_workflows
 
-            return load_workflows(data) if data else load_workflows()
+            return (load_workflows(data) if data else load_workflows()), data
         from moecoder.evals.tasks import functional
     except ImportError as e:
         raise UserError(f"suite {suite} is not available in this build: {e}") from None
-    loader = {"humaneval": functional.load_humaneval, "humaneval+": functional.load_humaneval_plus,
-              "mbpp": functional.load_mbpp}[suite]
-    return loader(data) if data else loader()
+    try:
+        if suite == "humaneval":
+            path = data or str(functional.humaneval_data_path())
+            return functional.load_humaneval(path), path
+        if not data:
+            raise UserError(f"--suite {suite} needs --data PATH (the benchmark's JSONL file)")
+        loader = functional.load_humaneval_plus if suite == "humaneval+" else functional.load_mbpp
+        return loader(data), data
+    except (OSError, ValueError) as e:  # missing file, checksum mismatch, malformed rows
+        raise UserError(f"cannot load {suite}: {e}") from None
 
 
 def make_sandbox(min_tier: str | None) -> tuple[Any, str]:
@@ -104,7 +111,7 @@ def run_cmd(
         table = PriceTable.load(prices)
     except (UnknownTemplate, PriceError) as e:
         raise UserError(str(e)) from None
-    tasks = load_tasks(suite, str(data) if data else None)
+    tasks, data_path = load_tasks(suite, str(data) if data else None)
     if not tasks:
         raise UserError(f"suite {suite} has no tasks")
 
@@ -143,7 +150,7 @@ def run_cmd(
     cfg = RunConfig(suite=suite, out_dir=run_dir, template=tmpl,
                     sampling=Sampling(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed),
                     samples=samples, limit=limit, concurrency=concurrency, max_usd=max_usd,
-                    usd_per_hour=usd_per_hour, generate_only=generate_only, data_path=str(data) if data else None,
+                    usd_per_hour=usd_per_hour, generate_only=generate_only, data_path=data_path,
                     sandbox_tier=tier)
     done = [0]
 
