@@ -13,6 +13,10 @@ from moecoder.config import get_preset
 from moecoder.model import Transformer
 from moecoder.tokenizer import Tokenizer, train_byte_bpe
 
+# Many engineers share two cores here: torch's thread pool spinning against other processes makes a
+# 3 ms decode step take 150 ms, so the test processes (and the servers they start) use one thread.
+torch.set_num_threads(1)
+
 CORPUS = [
     "def add(a, b):\n    return a + b\n",
     "for i in range(10):\n    print(i * i)\n",

@@ -8,25 +8,36 @@ from pathlib import Path
 
 import typer
 
-from ..cli import UserError
+
+
+def UserError(message: str) -> Exception:  # noqa: N802 - reads like the exception it builds
+    """moecoder.cli.UserError, imported late: cli.py imports this module to register it."""
+    from ..cli import UserError as _UserError
+
+    return _UserError(message)
 
 bench_app = typer.Typer(help="Measure serving throughput and cost.", no_args_is_help=True)
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
-def load_engine(model_dir: Path, *, dtype: str = "float32", device: str = "cpu", **engine_kw):
+def load_engine(model_dir: Path, *, dtype: str = "float32", device: str = "cpu", threads: int | None = None,
+                **engine_kw):
     """Load a moecoder/Hugging Face checkpoint folder and its tokenizer into an (unstarted) Engine."""
+    if dtype not in _DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    if not Path(model_dir).is_dir():
+        raise UserError(f"--model {model_dir} is not a folder")
     import torch
 
     from ..checkpoint import load_checkpoint
     from ..tokenizer import Tokenizer
     from .engine import Engine
 
-    if dtype not in _DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
-    if not Path(model_dir).is_dir():
-        raise UserError(f"--model {model_dir} is not a folder")
+    if threads is not None:
+        if threads < 1:
+            raise UserError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
     try:
         ckpt = load_checkpoint(model_dir, dtype=getattr(torch, dtype), device=device)
         tok = Tokenizer.from_dir(model_dir)
@@ -54,6 +65,7 @@ def serve_cmd(
     served_model_name: str | None = typer.Option(None, help="Model id clients send (default: folder name)."),
     dtype: str = typer.Option("float32", help="Weights and KV-cache dtype: float32, bfloat16, float16."),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda."),
+    threads: int | None = typer.Option(None, help="CPU threads for torch (default: torch's choice)."),
 ) -> None:
     """Serve a checkpoint with an OpenAI-compatible API (completions, chat, streaming) and continuous batching."""
     api_key = None
@@ -63,12 +75,12 @@ def serve_cmd(
             raise UserError(f"--api-key-env {api_key_env}: that environment variable is unset or empty")
     if not 1 <= port <= 65535:
         raise UserError(f"--port must be in 1..65535, got {port}")
+    engine, tok, ckpt = load_engine(model, dtype=dtype, device=device, threads=threads, max_batch=max_batch,
+                                    max_context=max_context, max_queue=max_queue, kv_budget_mb=kv_budget_mb)
     import uvicorn
 
     from .api import create_app
 
-    engine, tok, ckpt = load_engine(model, dtype=dtype, device=device, max_batch=max_batch,
-                                    max_context=max_context, max_queue=max_queue, kv_budget_mb=kv_budget_mb)
     name = served_model_name or Path(model).resolve().name
     app = create_app(engine, tok, name, api_key=api_key, bos_token_id=ckpt.bos_token_id)
     auth = "Bearer key required" if api_key else "no API key"
@@ -87,13 +99,17 @@ def cost_cmd(
     duration: float = typer.Option(20.0, help="Seconds to measure, after a warm-up request."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", help="torch device."),
+    threads: int | None = typer.Option(None, help="CPU threads for torch (default: torch's choice)."),
 ) -> None:
     """Sustained batched output tokens/s on this machine, and the $ per 1M output tokens it implies."""
     if usd_per_hour <= 0 or duration <= 0 or prompt_tokens < 1 or max_tokens < 1 or max_batch < 1:
         raise UserError("--usd-per-hour, --duration, --prompt-tokens, --max-tokens and --max-batch must be > 0")
-    engine, tok, ckpt = load_engine(model, dtype=dtype, device=device, max_batch=max_batch,
-                                    max_context=min(ckpt_max(model), prompt_tokens + max_tokens),
-                                    max_queue=max_batch)
+    limit = ckpt_max(model)
+    if prompt_tokens + max_tokens > limit:
+        raise UserError(f"--prompt-tokens + --max-tokens = {prompt_tokens + max_tokens} exceeds the model's "
+                        f"max_seq_len {limit}")
+    engine, tok, ckpt = load_engine(model, dtype=dtype, device=device, threads=threads, max_batch=max_batch,
+                                    max_context=prompt_tokens + max_tokens, max_queue=max_batch)
     tps, n_req = measure_throughput(engine, ckpt.config.vocab_size, prompt_tokens, max_tokens, duration)
     usd_per_m = usd_per_hour / 3600 / tps * 1e6
     typer.echo(f"{tps:.1f} output tokens/s sustained ({n_req} requests, batch {engine.slots}, "
