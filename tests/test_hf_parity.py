@@ -208,3 +208,86 @@ def test_save_pretrained_writes_the_per_expert_naming(tmp_path):
     with safe_open(tmp_path / "ckpt" / "model.safetensors", "pt") as f:
         names = set(f.keys())
     assert "model.layers.0.block_sparse_moe.experts.0.w1.weight" in names
+
+
+# config.json of released checkpoints, in the transformers-4 spelling they were published with
+# (MiniMax-M2 minus its fp8 quantization_config, as in bf16 re-uploads).
+RELEASED = {
+    "mixtral-8x7b": {
+        "model_type": "mixtral", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "num_local_experts": 8,
+        "num_experts_per_tok": 2, "max_position_embeddings": 32768, "rms_norm_eps": 1e-05, "rope_theta": 1e6,
+        "sliding_window": None, "tie_word_embeddings": False, "hidden_act": "silu", "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
+    "qwen3-30b-a3b": {
+        "model_type": "qwen3_moe", "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144,
+        "moe_intermediate_size": 768, "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4,
+        "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True,
+        "decoder_sparse_step": 1, "mlp_only_layers": [], "max_position_embeddings": 40960, "max_window_layers": 48,
+        "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1e6, "sliding_window": None,
+        "use_sliding_window": False, "attention_bias": False, "tie_word_embeddings": False, "hidden_act": "silu",
+    },
+    "olmoe-1b-7b": {
+        "model_type": "olmoe", "vocab_size": 50304, "hidden_size": 2048, "intermediate_size": 1024,
+        "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 16, "num_experts": 64,
+        "num_experts_per_tok": 8, "norm_topk_prob": False, "max_position_embeddings": 4096, "rms_norm_eps": 1e-05,
+        "rope_scaling": None, "rope_theta": 10000.0, "clip_qkv": None, "attention_bias": False,
+        "tie_word_embeddings": False, "hidden_act": "silu",
+    },
+    "minimax-m2": {
+        "model_type": "minimax_m2", "vocab_size": 200064, "hidden_size": 3072, "intermediate_size": 1536,
+        "num_hidden_layers": 62, "num_attention_heads": 48, "num_key_value_heads": 8, "head_dim": 128,
+        "rotary_dim": 64, "num_local_experts": 256, "num_experts_per_tok": 8, "max_position_embeddings": 196608,
+        "rms_norm_eps": 1e-06, "rope_theta": 5000000, "scoring_func": "sigmoid", "use_routing_bias": True,
+        "use_qk_norm": True, "qk_norm_type": "per_layer", "shared_intermediate_size": 0,
+        "tie_word_embeddings": False, "hidden_act": "silu",
+    },
+}
+
+
+@pytest.mark.parametrize("preset", list(RELEASED))
+def test_released_configs_match_presets(preset):
+    from moecoder.config import get_preset
+
+    assert from_hf_config(RELEASED[preset]) == get_preset(preset)
+
+
+QWEN15_MOE = {  # Qwen1.5-MoE-A2.7B
+    "model_type": "qwen2_moe", "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 5632,
+    "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632, "num_hidden_layers": 24,
+    "num_attention_heads": 16, "num_key_value_heads": 16, "num_experts": 60, "num_experts_per_tok": 4,
+    "norm_topk_prob": False, "decoder_sparse_step": 1, "max_position_embeddings": 8192, "max_window_layers": 21,
+    "rms_norm_eps": 1e-06, "rope_theta": 1e6, "sliding_window": 32768, "use_sliding_window": False,
+}
+
+LEGACY_SPELLINGS = {
+    "qwen15-moe": QWEN15_MOE,
+    "qwen2-moe-sparse-step-window": {**QWEN15_MOE, "num_hidden_layers": 6, "decoder_sparse_step": 2,
+                                     "mlp_only_layers": [3], "use_sliding_window": True, "sliding_window": 64,
+                                     "max_window_layers": 4},
+    "qwen3-yarn-type": {**RELEASED["qwen3-30b-a3b"],
+                        "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}},
+    "mixtral-no-head-dim-window": {**RELEASED["mixtral-8x7b"], "sliding_window": 4096,
+                                   "num_experts": 8, "num_local_experts": None},
+    "minimax-partial-factor": {**{k: v for k, v in RELEASED["minimax-m2"].items() if k != "rotary_dim"},
+                               "partial_rotary_factor": 0.5},
+}
+
+
+@pytest.mark.parametrize("name", list(LEGACY_SPELLINGS))
+def test_legacy_spellings_mean_what_transformers_reads(name):
+    """A transformers-4 config.json and transformers 5's normalised re-save of it map to one ModelConfig."""
+    legacy = {k: v for k, v in LEGACY_SPELLINGS[name].items() if v is not None}
+    normalised = AutoConfig.for_model(**legacy).to_dict()
+    assert "rope_parameters" in normalised
+    assert from_hf_config(legacy) == from_hf_config(normalised)
+
+
+def test_qwen15_moe_fields():
+    cfg = from_hf_config(QWEN15_MOE)
+    assert (cfg.n_shared_experts, cfg.shared_ffn_dim, cfg.shared_expert_gate, cfg.qkv_bias) == (1, 5632, True, True)
+    assert cfg.sliding_window is None and cfg.dense_layers == ()
+    stepped = from_hf_config(LEGACY_SPELLINGS["qwen2-moe-sparse-step-window"])
+    assert stepped.dense_layers == (0, 2, 3, 4)  # odd (i + 1) % 2, plus mlp_only_layers
+    assert stepped.sliding_window == 64 and stepped.sliding_window_layers == (0, 2)
