@@ -80,7 +80,7 @@ def test_info_on_checkpoint_folder(monkeypatch, capsys, model_dir):
 )
 def test_errors_are_one_line_exit_2(monkeypatch, capsys, args, message):
     code, out, err = run(monkeypatch, capsys, *args)
-    assert code == 2
+    assert code == 2 and out == ""
     assert err.startswith("error: ") and message in err
     assert err.count("\n") == 1 and "Traceback" not in err
 
@@ -120,9 +120,9 @@ def test_generate_sampling_seed_and_chat(monkeypatch, capsys, model_dir):
     b = run(monkeypatch, capsys, *args, "--seed", "1")[1]
     c = run(monkeypatch, capsys, *args, "--seed", "2")[1]
     assert a == b and a != c
-    code, out, _ = run(monkeypatch, capsys, "generate", "-m", str(model_dir), "-p", "hi", "-n", "5", "--chat",
+    code, chat_out, _ = run(monkeypatch, capsys, "generate", "-m", str(model_dir), "-p", "hi", "-n", "5", "--chat",
                        "--dtype", "bfloat16")
-    assert code == 0 and out.endswith("\n")
+    assert code == 0 and chat_out.endswith("\n")
 
 
 def test_no_default_model_is_a_clear_error(monkeypatch, capsys, tmp_path):
@@ -145,5 +145,25 @@ def test_demo_builds_caches_and_streams(monkeypatch, capsys, tmp_path):
     code, again, _ = run(monkeypatch, capsys, "demo", "-n", "12")
     assert code == 0 and "building" not in again
     # same seed, same model: the same completion
-    completion = lambda text: text.split("def fibonacci(n):")[1].split("[10 prompt tokens")[0]  # noqa: E731
+    completion = lambda text: text.split("def fibonacci(n):")[1].split("[10 prompt tokens")[0]
     assert completion(again) == completion(out) and completion(out).strip()
+
+
+def test_demo_rebuilds_a_damaged_cache(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(engine_cli, "BUNDLED_MODEL", tmp_path / "absent")
+    monkeypatch.setenv("MOECODER_CACHE", str(tmp_path))
+    folder = tmp_path / "demo-model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{broken")
+    code, out, _ = run(monkeypatch, capsys, "demo", "-n", "4")
+    assert code == 0 and "unusable" in out and "4 new tokens" in out
+    assert json.loads((folder / "config.json").read_text())["vocab_size"] > 256
+
+
+def test_generate_reads_prompt_from_stdin(monkeypatch, capsys, model_dir):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("def square(x):"))
+    code, from_stdin, _ = run(monkeypatch, capsys, "generate", "-m", str(model_dir), "-p", "-", "-n", "6")
+    code2, direct, _ = run(monkeypatch, capsys, "generate", "-m", str(model_dir), "-p", "def square(x):", "-n", "6")
+    assert code == code2 == 0 and from_stdin == direct

@@ -12,7 +12,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 from typer.core import TyperCommand
@@ -153,7 +152,7 @@ def _default_model() -> Path:
 
 
 def _run_generation(ckpt, tok, prompt: str, *, chat: bool, stream: bool, max_new_tokens: int, temperature: float,
-                    top_k: Optional[int], top_p: Optional[float], seed: Optional[int], stop: list[str],
+                    top_k: int | None, top_p: float | None, seed: int | None, stop: list[str],
                     out=None) -> dict:
     """Encode, generate (streaming pieces to `out` as they come when stream=True), return stats."""
     from .generate import GenerationError, SamplingParams, generate_text, text_events
@@ -189,22 +188,25 @@ def _run_generation(ckpt, tok, prompt: str, *, chat: bool, stream: bool, max_new
 
 
 def generate_cmd(
-    prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt text (or the user message with --chat)."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Checkpoint folder (default: bundled model)."),
+    prompt: str = typer.Option(..., "--prompt", "-p",
+                               help="The prompt text (the user message with --chat); '-' reads standard input."),
+    model: Path | None = typer.Option(None, "--model", "-m", help="Checkpoint folder (default: bundled model)."),
     stream: bool = typer.Option(False, "--stream", help="Print text as it is generated."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="Most tokens to generate."),
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 is greedy."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the k most likely tokens."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="Sample from the smallest set covering p."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling (reproducible output)."),
+    top_k: int | None = typer.Option(None, "--top-k", help="Sample among the k most likely tokens."),
+    top_p: float | None = typer.Option(None, "--top-p", help="Sample from the smallest set covering p."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed for sampling (reproducible output)."),
     stop: list[str] = typer.Option([], "--stop", help="Stop at this string (repeatable); it is not printed."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt as a user message in the chat template."),
     dtype: str = typer.Option("float32", "--dtype", help=f"Weights dtype: {', '.join(DTYPES)}."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's)."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's)."),
 ) -> None:
     """Generate a completion of --prompt with a checkpoint folder's model and tokenizer."""
     _set_threads(threads)
+    if prompt == "-":
+        prompt = sys.stdin.read()
     model_dir = model if model is not None else _default_model()
     ckpt, tok = _load(model_dir, dtype, device)
     stats = _run_generation(ckpt, tok, prompt, chat=chat, stream=stream, max_new_tokens=max_new_tokens,
@@ -212,7 +214,7 @@ def generate_cmd(
     print(_stats_line(stats), file=sys.stderr)
 
 
-def _set_threads(threads: Optional[int]) -> None:
+def _set_threads(threads: int | None) -> None:
     if threads is None:
         return
     if threads < 1:
@@ -308,9 +310,17 @@ def demo_cmd(
 
     if (BUNDLED_MODEL / "config.json").is_file():
         model_dir, note = BUNDLED_MODEL, "bundled model"
+        ckpt, tok = _load(model_dir, "float32", "auto")
     else:
         model_dir = cache_dir() / "demo-model"
-        if rebuild or not (model_dir / "config.json").is_file():
+        note = "random weights, so the text is noise: the point is the pipeline"
+        ckpt = tok = None
+        if not rebuild and (model_dir / "config.json").is_file():
+            try:
+                ckpt, tok = _load(model_dir, "float32", "auto")
+            except UserError as e:  # a damaged cache is rebuilt, not reported
+                console.print(f"[dim]cached demo model unusable ({e}); rebuilding[/dim]")
+        if ckpt is None:
             console.print(f"[dim]No bundled model: building a random-weight debug MoE in {model_dir} ...[/dim]")
             t0 = time.perf_counter()
             try:
@@ -318,8 +328,7 @@ def demo_cmd(
             except OSError as e:
                 raise UserError(f"cannot write the demo model to {model_dir}: {e} (set MOECODER_CACHE)") from None
             console.print(f"[dim]built in {time.perf_counter() - t0:.1f} s[/dim]")
-        note = "random weights, so the text is noise: the point is the pipeline"
-    ckpt, tok = _load(model_dir, "float32", "auto")
+            ckpt, tok = _load(model_dir, "float32", "auto")
     n_params = sum(p.numel() for p in ckpt.model.parameters())
     console.print(f"[bold]Generating[/bold] with {model_dir} ({n_params / 1e6:.2f}M params; {note}), "
                   f"temperature 0.8, top-p 0.95, seed {seed}:")

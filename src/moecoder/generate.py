@@ -153,7 +153,7 @@ def generate_stream(
         if n >= cfg.max_seq_len:
             raise GenerationError(f"prompt {i} has {n} tokens; the model's max_seq_len is {cfg.max_seq_len}")
     budgets = [min(max_new_tokens, cfg.max_seq_len - n) for n in lengths]
-    eos = set(int(e) for e in eos_ids)
+    eos = {int(e) for e in eos_ids}
     device, dtype = _model_device_dtype(model)
     gens = _generators(params, B, device, seeds)
     steps = max(budgets)

@@ -70,7 +70,7 @@ class Tokenizer:
         self._template = None  # compiled lazily
 
     @classmethod
-    def from_dir(cls, path: str | os.PathLike) -> "Tokenizer":
+    def from_dir(cls, path: str | os.PathLike) -> Tokenizer:
         """Load tokenizer.json (required), tokenizer_config.json and chat_template.jinja (optional)."""
         d = Path(path)
         tj = d / "tokenizer.json"
@@ -131,9 +131,9 @@ class Tokenizer:
         tokenizer_config.json asks for it (add_bos_token). Chat-rendered text already holds its
         special tokens: encode it with add_special_tokens=False."""
         ids = self.tk.encode(text, add_special_tokens=add_special_tokens).ids
-        if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
-            if not ids or ids[0] != self.bos_token_id:
-                ids = [self.bos_token_id] + ids
+        wants_bos = add_special_tokens and self.add_bos_token and self.bos_token_id is not None
+        if wants_bos and (not ids or ids[0] != self.bos_token_id):
+            ids = [self.bos_token_id] + ids
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -163,7 +163,7 @@ class Tokenizer:
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
 
-    def stream_decoder(self, skip_special_tokens: bool = True) -> "StreamDecoder":
+    def stream_decoder(self, skip_special_tokens: bool = True) -> StreamDecoder:
         return StreamDecoder(self, skip_special_tokens)
 
 
