@@ -144,7 +144,8 @@ class MoE(nn.Module):
         y_sorted = self.experts(x_sorted, counts_E.tolist())
         w = weights_NK.flatten().index_select(0, order).to(y_sorted.dtype)
         out = torch.zeros_like(x_NC)
-        out.index_add_(0, token_of, y_sorted * w[:, None])
+        # Under autocast the experts return bf16/fp16 while x stays fp32: accumulate in x's dtype.
+        out.index_add_(0, token_of, (y_sorted * w[:, None]).to(out.dtype))
         return out
 
     def _decode_path(self, x_NC, weights_NK, ids_NK) -> torch.Tensor:
