@@ -155,7 +155,7 @@ def _run_generation(ckpt, tok, prompt: str, *, chat: bool, stream: bool, max_new
                     top_k: int | None, top_p: float | None, seed: int | None, stop: list[str],
                     out=None) -> dict:
     """Encode, generate (streaming pieces to `out` as they come when stream=True), return stats."""
-    from .generate import GenerationError, SamplingParams, generate_text, text_events
+    from .generate import GenerationError, SamplingParams, text_events
     from .tokenizer import ChatTemplateError
 
     out = out or sys.stdout
@@ -167,18 +167,16 @@ def _run_generation(ckpt, tok, prompt: str, *, chat: bool, stream: bool, max_new
             ids = tok.encode(prompt)
         eos = list(ckpt.eos_token_ids) + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
         t0 = time.perf_counter()
-        n_tokens, finish = 0, None
-        if stream:
-            n_tokens = 0
-            for _, tok_id, piece, fin in text_events(ckpt.model, tok, [ids], max_new_tokens, params, eos, stop):
-                n_tokens += tok_id is not None
+        n_tokens, finish, pieces = 0, None, []
+        for _, tok_id, piece, fin in text_events(ckpt.model, tok, [ids], max_new_tokens, params, eos, stop):
+            n_tokens += tok_id is not None
+            finish = fin or finish
+            if stream:
                 out.write(piece)
                 out.flush()
-                finish = fin or finish
-        else:
-            c = generate_text(ckpt.model, tok, [ids], max_new_tokens, params, eos, stop)[0]
-            out.write(c.text)
-            n_tokens, finish = len(c.tokens), c.finish_reason
+            else:
+                pieces.append(piece)
+        out.write("".join(pieces))
         out.write("\n")
         out.flush()
         seconds = time.perf_counter() - t0
