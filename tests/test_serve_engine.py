@@ -192,3 +192,37 @@ def test_prompt_plus_max_tokens_over_context_is_refused(model, codec):
             engine.submit([make_seq(list(range(10)), 7)])
     finally:
         engine.shutdown()
+
+
+def test_failed_step_ends_its_sequences_and_engine_keeps_serving(model, codec, monkeypatch):
+    engine = Engine(model, codec, [], max_batch=2, max_context=64).start()
+    try:
+        real_forward, calls = model.forward, []
+
+        def flaky(*a, **kw):
+            calls.append(1)
+            if len(calls) == 2:  # the first decode step
+                raise RuntimeError("boom")
+            return real_forward(*a, **kw)
+
+        monkeypatch.setattr(model, "forward", flaky)
+        bad = make_seq(codec.encode("x"), 5)
+        run_all(engine, [bad])
+        assert bad.finish_reason is None and bad.sink.events[-1].finish_reason == "error"
+        assert engine.alive and engine.failed_steps == 1
+        good = make_seq(codec.encode("x"), 5)
+        run_all(engine, [good])
+        assert good.finish_reason == "length" and len(good.out_ids) == 5
+    finally:
+        engine.shutdown()
+
+
+def test_tiny_temperature_is_greedy(model, codec):
+    prompt = codec.encode(PROMPTS[0])
+    engine = Engine(model, codec, [], max_batch=1, max_context=64).start()
+    try:
+        s = make_seq(prompt, 8, temperature=5e-324)  # logits / t would overflow to inf
+        run_all(engine, [s])
+        assert s.out_ids == reference_greedy(model, prompt, 8)
+    finally:
+        engine.shutdown()

@@ -262,7 +262,7 @@ def create_app(engine: Engine, codec: ChatCodec, model_name: str, *, api_key: st
     async def health():
         if not engine.alive:
             return JSONResponse({"status": "error", "error": repr(engine.error)}, status_code=503)
-        return {"status": "ok", **engine.stats()}
+        return {"status": "ok", **engine.stats(), "failed_steps": engine.failed_steps}
 
     @app.get("/metrics")
     async def prometheus():

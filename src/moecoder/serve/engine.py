@@ -14,6 +14,7 @@ stop strings), so HTTP handlers receive ready-to-send text deltas through a call
 from __future__ import annotations
 
 import collections
+import logging
 import secrets
 import threading
 import time
@@ -24,6 +25,11 @@ import torch
 
 from ..generate import SamplingParams as Sampling, StopMatcher, sample
 from ..model import KVCache, Transformer
+
+log = logging.getLogger(__name__)
+
+# Below this, logits / temperature can overflow to inf (NaN probabilities); it is greedy in effect.
+MIN_TEMPERATURE = 1e-4
 
 
 class TextCodec(Protocol):
@@ -82,7 +88,8 @@ class Sequence:
 
     def __post_init__(self) -> None:
         p = self.params
-        self.sampling = Sampling(temperature=p.temperature, top_p=p.top_p if p.top_p < 1 else None)
+        temperature = p.temperature if p.temperature >= MIN_TEMPERATURE else 0.0
+        self.sampling = Sampling(temperature=temperature, top_p=p.top_p if p.top_p < 1 else None)
         # Choice i of a seeded request draws from seed + i, as moecoder.generate does for row i.
         seed = p.seed if p.seed is not None else secrets.randbits(63)
         self.generator = torch.Generator().manual_seed((seed + self.index) % (2**63))
@@ -172,7 +179,8 @@ class Engine:
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stop = False
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None  # the last failed step's exception
+        self.failed_steps = 0
         self.steps = 0
 
     # --- public, any thread ---
@@ -238,24 +246,28 @@ class Engine:
                         break
                     self._drop_cancelled()
                     admit = self._take_admissions()
-                with torch.inference_mode():
-                    if admit:
-                        self._prefill(admit)
-                    if self.running:
-                        self._decode_step()
-        except BaseException as e:  # noqa: BLE001 - reported to every waiter, then /health goes 503
-            self.error = e
-            with self._cv:
-                for s in list(self.running) + list(self.waiting):
-                    self._emit(s, Event(s.index, "", len(s.out_ids), "error"))
-                self.running.clear()
-                self.waiting.clear()
-            raise
+                try:
+                    with torch.inference_mode():
+                        if admit:
+                            self._prefill(admit)
+                        if self.running:
+                            self._decode_step()
+                except Exception as e:  # noqa: BLE001
+                    # One failed step must not take the server down: end this step's sequences, keep serving.
+                    log.exception("engine step failed; ending the sequences of this step")
+                    self.error, self.failed_steps = e, self.failed_steps + 1
+                    with self._cv:
+                        victims = self.running + [s for s in admit if s not in self.running]
+                        self.running.clear()
+                        self.streams.clear()
+                    for s in victims:
+                        self._emit(s, Event(s.index, "", len(s.out_ids), "error"))
         finally:
             with self._cv:
-                for s in list(self.running) + list(self.waiting):
+                for s in self.running + list(self.waiting):
                     self._emit(s, Event(s.index, "", len(s.out_ids), "cancelled"))
                 self.running.clear()
+                self.streams.clear()
                 self.waiting.clear()
 
     def _drop_cancelled(self) -> None:
