@@ -160,12 +160,13 @@ def test_interrupted_run_resumes_without_redoing_samples(tmp_path):
         ts = tasks()
         with pytest.raises(KeyboardInterrupt):
             make_runner(tmp_path, srv.url, ts, concurrency=1, on_record=stop_after_three).run()
-        assert len(srv.hits) == 3
+        # three samples recorded; the fourth request was already in flight and its answer is cached
+        assert len(srv.hits) == 4
         assert json.loads((tmp_path / "run" / "run.json").read_text())["state"] == "interrupted"
         assert len(load_records(tmp_path / "run")) == 3
         result = make_runner(tmp_path, srv.url, ts, concurrency=1).run()
-        assert result.state == "complete" and result.new_samples == 3
-        assert len(srv.hits) == 6  # only the three unfinished samples were requested
+        assert result.state == "complete" and result.new_samples == 3 and result.cached_generations == 1
+        assert len(srv.hits) == 6  # only the two samples never requested were requested
         again = make_runner(tmp_path, srv.url, ts, concurrency=1).run()
         assert again.new_samples == 0 and len(srv.hits) == 6
     assert len(load_records(tmp_path / "run")) == 6

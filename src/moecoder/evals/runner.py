@@ -13,6 +13,7 @@ changed setting can never reuse a stale answer. Samples that ended `infra` are r
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -223,32 +224,57 @@ class Runner:
         pool = ThreadPoolExecutor(max_workers=self.cfg.concurrency, thread_name_prefix="gen")
         inflight: dict[Future, _Item] = {}
         queue = list(reversed(fresh))
+        def top_up() -> bool:
+            """Submit requests up to the concurrency bound unless the cap is reached; False when capped."""
+            if self.cfg.max_usd is not None and spent >= self.cfg.max_usd:
+                return False
+            while queue and len(inflight) < self.cfg.concurrency:
+                it = queue.pop()
+                inflight[pool.submit(self.backend.generate, it.prompt, self._sampling(it))] = it
+            return True
+
+        def collect(it: _Item, fut: Future) -> Generation:
+            """Account for one finished request: spend ledger, generation cache."""
+            nonlocal spent
+            gen = fut.result()  # BackendError (bad key, ...) propagates and stops the run
+            stats["requests"] += 1
+            cost = self._cost(gen)
+            if cost:
+                spent += cost
+                self._append(self.dir / "spend.jsonl", {"key": it.key, "usd": cost})
+            if not gen.error:
+                write_json_atomic(self._gen_path(it), gen.to_dict())
+            return gen
+
         try:
             while queue or inflight:
-                capped = self.cfg.max_usd is not None and spent >= self.cfg.max_usd
-                if capped and state != "stopped: spending cap":
+                if not top_up():
                     state = "stopped: spending cap"
-                while queue and not capped and len(inflight) < self.cfg.concurrency:
-                    it = queue.pop()
-                    inflight[pool.submit(self.backend.generate, it.prompt, self._sampling(it))] = it
                 if not inflight:
                     break
                 finished, _ = wait(inflight, return_when=FIRST_COMPLETED)
+                judge: list[tuple[_Item, Generation]] = []
                 for fut in finished:
                     it = inflight.pop(fut)
-                    gen = fut.result()  # BackendError (bad key, ...) propagates and stops the run
-                    stats["requests"] += 1
-                    cost = self._cost(gen)
-                    if cost:
-                        spent += cost
-                        self._append(self.dir / "spend.jsonl", {"key": it.key, "usd": cost})
-                    if not gen.error:
-                        write_json_atomic(self._gen_path(it), gen.to_dict())
+                    gen = collect(it, fut)
                     if not self.cfg.generate_only or gen.error:
-                        self._finish(it, gen)
-                        stats["new"] += 1
+                        judge.append((it, gen))
+                # Keep the backend busy while this thread runs the (possibly slow) sandboxed checks.
+                if not top_up():
+                    state = "stopped: spending cap"
+                for it, gen in judge:
+                    self._finish(it, gen)
+                    stats["new"] += 1
         except KeyboardInterrupt:
+            # Requests already sent are paid for: wait for them (bounded by the backend's timeout and
+            # retries; a second Ctrl-C abandons them) and cache the answers for the resumed run.
             state = "interrupted"
+            queue.clear()
+            for fut, it in list(inflight.items()):
+                if fut.cancel():
+                    continue
+                with contextlib.suppress(Exception):  # best effort while stopping; the run resumes anyway
+                    collect(it, fut)
             raise
         except Exception as e:
             state = f"failed: {e}"
