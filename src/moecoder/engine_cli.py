@@ -17,6 +17,7 @@ import typer
 from typer.core import TyperCommand
 
 from .cli import UserError
+from .config import PRESETS
 
 DTYPES = ("float32", "bfloat16", "float16")
 BUNDLED_MODEL = Path(__file__).parent / "assets" / "default-model"
@@ -49,7 +50,7 @@ def register(app: typer.Typer) -> None:
 def _resolve_config(target: str):
     """A preset name, or a checkpoint folder (read from its config.json)."""
     from .checkpoint import CheckpointError, read_config
-    from .config import PRESETS, ConfigError, get_preset
+    from .config import ConfigError, get_preset
 
     if target in PRESETS:
         return get_preset(target)
@@ -90,7 +91,7 @@ def sizing_table(name: str, cfg, context: int):
 
 
 def info_cmd(
-    target: str = typer.Argument(..., help="A preset name (see `moecoder info --help`) or a checkpoint folder."),
+    target: str = typer.Argument(..., help=f"A preset ({', '.join(PRESETS)}) or a checkpoint folder."),
     context: int = typer.Option(4096, "--context", help="Context length (keys attended) for the FLOPs figure."),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table."),
 ) -> None:
