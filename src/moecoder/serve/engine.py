@@ -261,6 +261,7 @@ class Engine:
                         self.running.clear()
                         self.streams.clear()
                     for s in victims:
+                        self._count_finished("error")
                         self._emit(s, Event(s.index, "", len(s.out_ids), "error"))
         finally:
             with self._cv:
@@ -272,6 +273,9 @@ class Engine:
 
     def _drop_cancelled(self) -> None:
         if any(s.cancelled for s in self.waiting):
+            for s in self.waiting:
+                if s.cancelled:
+                    self._count_finished("cancelled")
             self.waiting = collections.deque(s for s in self.waiting if not s.cancelled)
         for row in reversed(range(len(self.running))):
             if self.running[row].cancelled:
@@ -361,9 +365,14 @@ class Engine:
                 self.running[row], self.streams[row] = self.running[last], self.streams[last]
             self.running.pop()
             self.streams.pop()
+        self._count_finished(reason or s.finish_reason)
         if reason is not None:
             s.finish_reason = reason
             self._emit(s, Event(s.index, "", len(s.out_ids), reason))
+
+    def _count_finished(self, reason: str | None) -> None:
+        if self.metrics is not None:
+            self.metrics.finished.labels(reason=reason or "unknown").inc()
 
     @staticmethod
     def _emit(s: Sequence, ev: Event) -> None:

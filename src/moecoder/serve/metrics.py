@@ -18,6 +18,8 @@ class ServeMetrics:
         self.requests = Counter("moecoder_requests", "HTTP requests to /v1 by status code", ["status"], registry=r)
         self.prompt_tokens = Counter("moecoder_prompt_tokens", "Prompt tokens prefilled", registry=r)
         self.generation_tokens = Counter("moecoder_generation_tokens", "Tokens generated", registry=r)
+        self.finished = Counter("moecoder_sequences_finished", "Sequences that left the engine, by reason",
+                                ["reason"], registry=r)
         self.ttft = Histogram(
             "moecoder_time_to_first_token_seconds", "From arrival to first generated token",
             buckets=_LATENCY_BUCKETS, registry=r,
