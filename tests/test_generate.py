@@ -64,7 +64,9 @@ def test_greedy_matches_full_recompute(kw):
     assert out[0].finish_reason == "length"
 
 
-def test_batch_of_different_lengths_equals_one_at_a_time(model):
+@pytest.mark.parametrize("kw", [{}, {"sliding_window": 4, "n_shared_experts": 1, "qk_norm": "head"}])
+def test_batch_of_different_lengths_equals_one_at_a_time(kw):
+    model = _model(**kw)
     prompts = _prompts([3, 11, 1, 6])
     batched = generate(model, prompts, max_new_tokens=10)
     for p, c in zip(prompts, batched):
