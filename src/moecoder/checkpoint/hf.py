@@ -172,7 +172,8 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     files = _weight_files(folder)
     fused = any(n.endswith(".experts.gate_up_proj") for n in files)
     table = fused_table(TABLES[cfg.model_type]) if fused else TABLES[cfg.model_type]
-    plans = plan(table, _expected_shapes(model))
+    shapes = _expected_shapes(model)
+    plans = plan(table, shapes)
     _check_names(plans, files, cfg.tie_embeddings)
 
     reader = _Reader()
@@ -182,7 +183,7 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
             found = reader.shape(files[p.name], p.name)
             if found != p.shape:
                 raise CheckpointError(f"tensor {p.name}: expected shape {list(p.shape)}, found {list(found)}")
-        state[name] = _assemble(reader, files, pieces, dtype, device)
+        state[name] = _assemble(reader, files, pieces, shapes[name], dtype, device)
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["embed.weight"]
     model.load_state_dict(state, strict=True, assign=True)
@@ -194,7 +195,7 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     return LoadedCheckpoint(model.eval(), cfg, hf, eos, bos)
 
 
-def _assemble(reader: _Reader, files, pieces: list[Piece], dtype, device) -> torch.Tensor:
+def _assemble(reader: _Reader, files, pieces: list[Piece], shape, dtype, device) -> torch.Tensor:
     if len(pieces) == 1 and pieces[0].index == ():
         p = pieces[0]
         t = reader.get(files[p.name], p.name, "mmap")
@@ -202,19 +203,10 @@ def _assemble(reader: _Reader, files, pieces: list[Piece], dtype, device) -> tor
             return t  # zero-copy view of the mapped file (copy-on-write if modified)
         del t
         return reader.get(files[p.name], p.name, "pread").to(device=device, dtype=dtype)
-    shape = _stacked_shape(pieces)
-    out = torch.empty(shape, dtype=dtype, device=device)
+    out = torch.empty(shape, dtype=dtype, device=device)  # stacked experts, filled piece by piece
     for p in pieces:
         out[p.index].copy_(reader.get(files[p.name], p.name, "pread"))
     return out
-
-
-def _stacked_shape(pieces: list[Piece]) -> tuple[int, ...]:
-    n_experts = max(p.index[0] for p in pieces) + 1
-    if len(pieces[0].index) == 2:  # (gate, up) halves of [2F, C]
-        f, *rest = pieces[0].shape
-        return (n_experts, 2 * f, *rest)
-    return (n_experts, *pieces[0].shape)
 
 
 def save_checkpoint(
@@ -285,9 +277,12 @@ def _write_shards(folder: Path, pieces: list[tuple[torch.Tensor, Piece]], max_sh
 
 
 def _materialise(shard: list[tuple[torch.Tensor, Piece]]) -> dict[str, torch.Tensor]:
-    # safetensors refuses views that share storage, so expert slices are copied (one shard at a time).
-    return {p.name: t.detach()[p.index].to("cpu").contiguous().clone() if p.index else
-            t.detach().to("cpu").contiguous() for t, p in shard}
+    out = {}
+    for t, p in shard:
+        t = t.detach().to("cpu")
+        # safetensors refuses tensors that share storage, so expert slices are copied (one shard at a time).
+        out[p.name] = t[p.index].clone() if p.index else t.contiguous()
+    return out
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
