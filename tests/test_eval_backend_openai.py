@@ -82,11 +82,26 @@ def test_rejected_key_stops_instead_of_retrying(monkeypatch):
 
 def test_bad_request_is_not_retried():
     with FakeOpenAIServer(scripted([Reply(status=400)])) as srv:
-        g = backend(srv.url).generate(PROMPT, Sampling())
-    assert len(srv.hits) == 1 and "HTTP 400" in g.error
+        b = backend(srv.url)
+        g = b.generate(PROMPT, Sampling())
+        b.generate(PROMPT, Sampling())
+    # one more request only to rule out the stream_options field as the cause, then no retries
+    assert "HTTP 400" in g.error and "without stream_options" in g.error
+    assert [("stream_options" in h.body) for h in srv.hits] == [True, False, True, False]  # usage still asked
 
 
 def test_missing_key_variable_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("NOPE_KEY", raising=False)
     with pytest.raises(BackendError, match="NOPE_KEY"):
         OpenAIBackend(model="m", base_url="http://127.0.0.1:1/v1", api_key_env="NOPE_KEY")
+
+
+def test_server_rejecting_stream_options_falls_back_to_estimates():
+    def picky(body, n):
+        return Reply(status=400) if "stream_options" in body else Reply(text="ok then", usage=(3, 2))
+    with FakeOpenAIServer(picky) as srv:
+        b = backend(srv.url)
+        g1 = b.generate(PROMPT, Sampling())
+        g2 = b.generate(PROMPT, Sampling())
+    assert g1.text == g2.text == "ok then" and g1.tokens_estimated and g1.output_tokens == estimate_tokens("ok then")
+    assert len(srv.hits) == 3  # one rejected request, then the field is no longer sent

@@ -216,3 +216,16 @@ def test_a_run_directory_refuses_other_settings(tmp_path):
         r.cfg.sampling = Sampling(temperature=0.2, seed=7)
         with pytest.raises(RunError, match="sampling"):
             r.run()
+
+
+def test_a_torn_last_line_loses_only_that_sample(tmp_path):
+    flat = Reply(text=fence("def add(a, b):\n    return a + b\n"), usage=(1, 1))
+    with FakeOpenAIServer(lambda body, n: flat) as srv:
+        make_runner(tmp_path, srv.url, tasks()[:1]).run()
+        log = tmp_path / "run" / "samples.jsonl"
+        lines = log.read_text().splitlines(keepends=True)
+        log.write_text(lines[0] + lines[1][: len(lines[1]) // 2])  # killed while writing the second record
+        assert len(load_records(tmp_path / "run")) == 1
+        r = make_runner(tmp_path, srv.url, tasks()[:1]).run()
+        assert r.new_samples == 1 and r.cached_generations == 1 and len(srv.hits) == 2  # answer came from cache
+    assert len(load_records(tmp_path / "run")) == 2

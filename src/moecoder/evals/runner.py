@@ -203,6 +203,8 @@ class Runner:
         (self.dir / "cache" / "verdict").mkdir(parents=True, exist_ok=True)
         items = self._items()
         meta = self._start_metadata(items)
+        for log in ("samples.jsonl", "spend.jsonl"):
+            _end_with_newline(self.dir / log)
         done = {r["key"] for r in load_records(self.dir) if r["status"] != Status.INFRA.value}
         pending = [it for it in items if it.key not in done]
         spent = sum(e["usd"] for e in read_jsonl(self.dir / "spend.jsonl"))
@@ -397,6 +399,16 @@ class Runner:
         verdict = it.task.evaluate(extracted, self.sandbox)
         write_json_atomic(vpath, verdict.to_dict())
         return extracted, verdict
+
+
+def _end_with_newline(path: Path) -> None:
+    """A process killed mid-append leaves a torn last line; start the next append on a fresh line
+    so only the torn record is lost (read_jsonl skips it), not the next one too."""
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
 
 
 def _now() -> str:

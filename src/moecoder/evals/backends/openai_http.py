@@ -34,6 +34,10 @@ class _Retryable(Exception):
 class _GiveUp(Exception):
     """A non-retryable error for this sample only (e.g. HTTP 400: prompt too long)."""
 
+    def __init__(self, reason: str, status: int):
+        super().__init__(reason)
+        self.status = status
+
 
 class OpenAIBackend:
     """Talks to `{base_url}/chat/completions` or `{base_url}/completions`."""
@@ -76,6 +80,9 @@ class OpenAIBackend:
         self._rng = random.Random(jitter_seed)
         self._rng_lock = threading.Lock()
         self._client = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout))
+        # Some servers reject the `stream_options` field with HTTP 400; after one such answer it is
+        # dropped and token counts are estimated instead.
+        self._ask_usage = True
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -94,17 +101,27 @@ class OpenAIBackend:
     # --- one sample ---
 
     def generate(self, prompt: Prompt, sampling: Sampling) -> Generation:
-        body = self._body(prompt, sampling)
         url = f"{self.base_url}/{'chat/completions' if self.api == 'chat' else 'completions'}"
         t_first = time.monotonic()
         errors: list[str] = []
         for attempt in range(self.max_retries + 1):
+            body = self._body(prompt, sampling)
             try:
                 gen = self._attempt(url, body, prompt)
                 gen.attempts = attempt + 1
                 gen.extra["wall_s"] = time.monotonic() - t_first
                 return gen
             except _GiveUp as e:
+                if e.status == 400 and "stream_options" in body:
+                    try:
+                        gen = self._attempt(url, {k: v for k, v in body.items() if k != "stream_options"}, prompt)
+                    except (_GiveUp, _Retryable) as e2:
+                        errors.append(f"{e}; again without stream_options: {e2}")
+                        break
+                    self._ask_usage = False  # this server rejects the field: stop sending it
+                    gen.attempts = attempt + 2
+                    gen.extra["wall_s"] = time.monotonic() - t_first
+                    return gen
                 errors.append(str(e))
                 break
             except _Retryable as e:
@@ -130,8 +147,9 @@ class OpenAIBackend:
             "top_p": sampling.top_p,
             "max_tokens": sampling.max_tokens,
             "stream": True,
-            "stream_options": {"include_usage": True},
         }
+        if self._ask_usage:
+            body["stream_options"] = {"include_usage": True}
         if sampling.seed is not None:
             body["seed"] = sampling.seed
         if prompt.stop:
@@ -218,4 +236,4 @@ class OpenAIBackend:
             except ValueError:
                 pass
             raise _Retryable(f"HTTP {code}", retry_after)
-        raise _GiveUp(f"HTTP {code}: {snippet}")
+        raise _GiveUp(f"HTTP {code}: {snippet}", code)
