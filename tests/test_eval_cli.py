@@ -92,9 +92,10 @@ def test_workflow_run_report_and_compare(tmp_path, fakes):
     assert page.count("<img") == 3 and "Refactoring" in page
 
     res = CliRunner().invoke(app, ["eval", "compare", str(tmp_path / "a"), str(tmp_path / "b"),
-                                   "--html", str(tmp_path / "cmp.html")])
+                                   "--html", str(tmp_path / "cmp.html"), "--review"])
     assert res.exit_code == 0, res.output
     assert "| gpt-4o | — | — | — | 15.00 |" in res.output and "| deepseek-coder-v2 | — | — | — | 0.50 |" in res.output
+    assert "| MiniMax M2.7 (review, published) | 82.3% | 78.1% | 33.2% | 2.50 |" in res.output
     assert (tmp_path / "cmp.html").read_text().count("<img") == 3
 
 

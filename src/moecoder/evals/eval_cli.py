@@ -179,6 +179,7 @@ def run_cmd(
 def report_cmd(
     run_dir: Path = typer.Argument(..., help="A run directory written by `moecoder eval run`."),
     html: bool = typer.Option(False, "--html", help="Also write report.html (tables and plots)."),
+    review: bool = typer.Option(False, "--review", help="Add the review's published figures for comparison."),
 ) -> None:
     """Print the Markdown report of a run and write report.md (and report.html) into it."""
     from moecoder.evals.report import html_report, load_summary, markdown_report
@@ -188,10 +189,10 @@ def report_cmd(
         s = load_summary(run_dir)
     except RunError as e:
         raise UserError(str(e)) from None
-    md = markdown_report([s])
+    md = markdown_report([s], review=review)
     _write(run_dir / "report.md", md)
     if html:
-        _write(run_dir / "report.html", html_report([s]))
+        _write(run_dir / "report.html", html_report([s], review=review))
         typer.echo(f"wrote {run_dir / 'report.html'}", err=True)
     typer.echo(md)
 
@@ -200,6 +201,7 @@ def report_cmd(
 def compare_cmd(
     run_dirs: list[Path] = typer.Argument(..., help="Two or more run directories."),
     html: Path = typer.Option(None, help="Also write an HTML comparison to this file."),
+    review: bool = typer.Option(False, "--review", help="Add the review's published figures for comparison."),
 ) -> None:
     """Compare runs side by side: the review's model table plus per-run details."""
     from moecoder.evals.report import html_report, load_summary, markdown_report
@@ -210,8 +212,8 @@ def compare_cmd(
     except RunError as e:
         raise UserError(str(e)) from None
     if html:
-        _write(html, html_report(runs, "moecoder comparison"))
-    typer.echo(markdown_report(runs, "moecoder comparison"))
+        _write(html, html_report(runs, "moecoder comparison", review))
+    typer.echo(markdown_report(runs, "moecoder comparison", review))
 
 
 def _write(path: Path, text: str) -> None:

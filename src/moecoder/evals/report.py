@@ -19,6 +19,14 @@ from typing import Any
 from moecoder.evals.metrics import summarize
 from moecoder.evals.runner import load_records, load_run
 
+# The review's published table (REVIEW-FACTS.md): pass@1 / resolved rates and $ per 1M output tokens.
+REVIEW_MODELS = [
+    ("MiniMax M2.7", {"humaneval": 0.823, "mbpp": 0.781, "swebench-lite": 0.332}, 2.50),
+    ("GPT-4o", {"humaneval": 0.902, "mbpp": 0.873, "swebench-lite": 0.485}, 15.00),
+    ("Claude 3.5 Sonnet", {"humaneval": 0.895, "mbpp": 0.850, "swebench-lite": 0.450}, 15.00),
+    ("DeepSeek Coder V2", {"humaneval": 0.850, "mbpp": 0.805, "swebench-lite": 0.380}, 0.50),
+]
+
 SUITE_COLUMNS = [("humaneval", "HumanEval pass@1"), ("humaneval+", "HumanEval+ pass@1"), ("mbpp", "MBPP pass@1"),
                  ("swebench-lite", "SWE-bench Lite")]
 
@@ -105,8 +113,9 @@ def suite_cell(s: RunSummary) -> str:
     return pct(s.overall.get("pass@1"))
 
 
-def model_table(runs: list[RunSummary]) -> Table:
-    """The review's model table: one row per model, one column per benchmark, $ / 1M output tokens."""
+def model_table(runs: list[RunSummary], review: bool = False) -> Table:
+    """The review's model table: one row per model, one column per benchmark, $ / 1M output tokens.
+    With `review`, the review's published rows follow, labelled as such, for comparison."""
     present = {r.suite for r in runs}
     cols = [(suite, name) for suite, name in SUITE_COLUMNS if suite != "humaneval+" or suite in present]
     by_model: dict[str, dict[str, RunSummary]] = defaultdict(dict)
@@ -118,6 +127,9 @@ def model_table(runs: list[RunSummary]) -> Table:
         out = sum(x.overall["output_tokens"] for x in suites.values() if x.overall["cost_usd"] is not None)
         per_1m = f"{cost / out * 1e6:.2f}" if out else "—"
         rows.append([model] + [suite_cell(suites[s]) if s in suites else "—" for s, _ in cols] + [per_1m])
+    if review:
+        rows += [[f"{name} (review, published)"] + [pct(figs.get(s)) for s, _ in cols] + [f"{usd_1m:.2f}"]
+                 for name, figs, usd_1m in REVIEW_MODELS]
     return Table("Models", ["Model"] + [name for _, name in cols] + ["$ / 1M output tokens"], rows,
                  "$ / 1M output tokens is measured: run cost / output tokens (prices from the price table, "
                  "or $/hour x time for local models).")
@@ -146,8 +158,8 @@ def detail_table(runs: list[RunSummary]) -> Table:
                  "scored samples. CIs: Wilson for proportions, seeded percentile bootstrap for logical correctness.")
 
 
-def tables(runs: list[RunSummary]) -> list[Table]:
-    out = [model_table(runs)]
+def tables(runs: list[RunSummary], review: bool = False) -> list[Table]:
+    out = [model_table(runs, review)]
     out += [workflow_table(s) for s in runs if s.suite == "workflows"]
     out.append(detail_table(runs))
     return out
@@ -172,9 +184,9 @@ def _meta_lines(runs: list[RunSummary]) -> list[str]:
     return out
 
 
-def markdown_report(runs: list[RunSummary], title: str = "moecoder evaluation") -> str:
+def markdown_report(runs: list[RunSummary], title: str = "moecoder evaluation", review: bool = False) -> str:
     """The full Markdown report for one or more runs."""
-    return to_markdown(tables(runs), title) + "\n## Runs\n\n" + "\n".join(f"- {x}" for x in _meta_lines(runs)) + "\n"
+    return to_markdown(tables(runs, review), title) + "\n## Runs\n\n" + "\n".join(f"- {x}" for x in _meta_lines(runs)) + "\n"
 
 
 # --- HTML with plots ---
@@ -189,7 +201,7 @@ def _png(fig: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def plots(runs: list[RunSummary]) -> dict[str, str]:
+def plots(runs: list[RunSummary], review: bool = False) -> dict[str, str]:
     """Base64 PNGs: pass rates with CI bars, latency distributions, cost vs accuracy."""
     import matplotlib
 
@@ -199,8 +211,8 @@ def plots(runs: list[RunSummary]) -> dict[str, str]:
     labels = [f"{s.model}\n{s.suite}" for s in runs]
     out = {}
     fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(runs)), 3.2))
-    for j, (key, name) in enumerate([("pass_rate", "pass@1"), ("syntax_accuracy", "syntax"),
-                                     ("logical_correctness", "logical")]):
+    for j, (key, name) in enumerate([("pass_rate", "pass rate"), ("syntax_accuracy", "syntax accuracy"),
+                                     ("logical_correctness", "logical correctness")]):
         vals = [s.overall[key] or 0.0 for s in runs]
         cis = [s.overall[f"{key}_ci"] or (v, v) for s, v in zip(runs, vals)]
         err = [[v - lo for v, (lo, _) in zip(vals, cis)], [hi - v for v, (_, hi) in zip(vals, cis)]]
@@ -220,28 +232,34 @@ def plots(runs: list[RunSummary]) -> dict[str, str]:
 
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     for s, lab in zip(runs, labels):
-        x, y = s.overall["usd_per_1m_output_tokens"], s.overall["pass_rate"]
-        if x is not None and y is not None:
+        x, y = s.overall["usd_per_1m_output_tokens"], s.overall.get("pass@1")
+        graded = s.suite != "swebench-lite" or (s.swebench or {}).get("graded")
+        if x is not None and y is not None and graded:
             ax.scatter([x], [y])
             ax.annotate(lab.replace("\n", " / "), (x, y), fontsize=7)
+    suites = {s.suite for s in runs}
+    for name, figs, usd_1m in REVIEW_MODELS if review else []:
+        for suite in sorted(suites & figs.keys()):
+            ax.scatter([usd_1m], [figs[suite]], marker="x", color="grey")
+            ax.annotate(f"{name} / {suite} (review)", (usd_1m, figs[suite]), fontsize=6, color="grey")
     ax.set_xlabel("$ / 1M output tokens (measured)")
     ax.set_ylabel("pass@1")
     out["Cost vs accuracy"] = _png(fig)
     return out
 
 
-def html_report(runs: list[RunSummary], title: str = "moecoder evaluation") -> str:
+def html_report(runs: list[RunSummary], title: str = "moecoder evaluation", review: bool = False) -> str:
     """A self-contained HTML page: the same tables as the Markdown report, then the plots."""
     e = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>",
              ("<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
               "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}th{background:#f3f3f3}</style>"),
              f"</head><body><h1>{e(title)}</h1>"]
-    for t in tables(runs):
+    for t in tables(runs, review):
         parts.append(f"<h2>{e(t.title)}</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in t.header) + "</tr>")
         parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in t.rows]
         parts.append("</table>" + (f"<p>{e(t.note)}</p>" if t.note else ""))
-    for name, b64 in plots(runs).items():
+    for name, b64 in plots(runs, review).items():
         parts.append(f"<h2>{e(name)}</h2><img alt='{e(name)}' src='data:image/png;base64,{b64}'>")
     parts.append("<h2>Runs</h2><ul>" + "".join(f"<li>{e(x)}</li>" for x in _meta_lines(runs)) + "</ul>")
     parts.append("</body></html>\n")
