@@ -28,7 +28,9 @@ def load_tasks(suite: str, data: str | None) -> tuple[list[Any], str | None]:
         if suite == "workflows":
             from moecoder.evals.tasks.workflows import load_workflows
 
-            return (load_workflows(data) if data else load_workflows()), data
+            if data:
+                raise UserError("--suite workflows takes no --data (its tasks ship with moecoder)")
+            return load_workflows(), None
         from moecoder.evals.tasks import functional
     except ImportError as e:
         raise UserError(f"suite {suite} is not available in this build: {e}") from None
