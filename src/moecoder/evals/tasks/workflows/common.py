@@ -13,10 +13,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from moecoder.evals.types import Prompt, Status, Verdict
 
@@ -117,7 +118,8 @@ def _plain_run(argv: list[str], files: dict[str, str], wall_s: float, stdin: str
             dest.write_text(text)
         t0 = time.monotonic()
         try:
-            p = subprocess.run(argv, cwd=tmp, input=stdin, capture_output=True, text=True, timeout=wall_s)
+            p = subprocess.run(argv, cwd=tmp, input=stdin, capture_output=True, text=True, timeout=wall_s,
+                               check=False)
             return _PlainResult(p.returncode, p.stdout, p.stderr, False, wall_s=time.monotonic() - t0,
                                 signal=-p.returncode if p.returncode < 0 else None)
         except subprocess.TimeoutExpired as e:

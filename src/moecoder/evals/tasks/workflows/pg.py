@@ -20,6 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 PG_BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
 LOG_PREFIX = "%m [%p] db=%d app=%a "  # parsed by statements()/connections()
@@ -69,7 +70,7 @@ class ThrowawayPostgres:
         app = f" application_name={application_name}" if application_name else ""
         return f"host={self.socket_dir} dbname={dbname} user={self.user}{app}"
 
-    def start(self, timeout_s: float = 60.0) -> ThrowawayPostgres:
+    def start(self, timeout_s: float = 60.0) -> Self:
         initdb, pg_ctl = find_binary("initdb"), find_binary("pg_ctl")
         run_as = None
         if os.geteuid() == 0:
@@ -99,7 +100,7 @@ class ThrowawayPostgres:
         ]
         for cmd in cmds:
             p = subprocess.run(cmd, capture_output=True, text=True, user=run_as.pw_uid if run_as else None,
-                               env={**os.environ, "LC_ALL": "C"})
+                               env={**os.environ, "LC_ALL": "C"}, check=False)
             if p.returncode != 0:
                 detail = (p.stderr or p.stdout).strip().splitlines()
                 self.stop()
@@ -113,12 +114,12 @@ class ThrowawayPostgres:
         if (data / "postmaster.pid").exists():
             run_as = pwd.getpwnam(self.user) if os.geteuid() == 0 else None
             subprocess.run([find_binary("pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
-                           capture_output=True, user=run_as.pw_uid if run_as else None)
+                           capture_output=True, user=run_as.pw_uid if run_as else None, check=False)
         if self._owned_root:
             shutil.rmtree(self.root, ignore_errors=True)
         self.root = None
 
-    def __enter__(self) -> ThrowawayPostgres:
+    def __enter__(self) -> Self:
         return self.start() if self.root is None else self
 
     def __exit__(self, *exc: object) -> None:

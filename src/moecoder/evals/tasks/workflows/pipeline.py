@@ -109,9 +109,9 @@ def row_values(r: dict[str, Any]) -> tuple:
             round(float(r["min"]), 6), round(float(r["max"]), 6))
 
 
-STREAM_MAIN = dict(seed=11, n=600, p_out_of_order=0.12, p_late=0.04)
+STREAM_MAIN = {"seed": 11, "n": 600, "p_out_of_order": 0.12, "p_late": 0.04}
 # No late events in the crash stream: replaying from a committed offset then yields the same rows.
-STREAM_CRASH = dict(seed=12, n=300, p_out_of_order=0.12, p_late=0.0)
+STREAM_CRASH = {"seed": 12, "n": 300, "p_out_of_order": 0.12, "p_late": 0.0}
 CRASH_AFTER = 190
 
 _shared_pg: ThrowawayPostgres | None = None

@@ -150,8 +150,8 @@ class RefactorTask:
             return out.report
 
         try:
-            m["imports"] = {mod or PACKAGE: "error" not in (run({"mode": "import", "module": mod}) or {"error": 1})
-                            for mod in MODULES}
+            imports = run({"mode": "imports", "modules": MODULES}) or {}
+            m["imports"] = {mod or PACKAGE: bool(imports.get(mod, {}).get("ok")) for mod in MODULES}
             m["import_cycle"] = find_cycle(import_graph(files))
             m["api"] = (run({"mode": "api", "api": API}) or {}).get("found", {})
             outputs = run({"mode": "outputs"}) or {}

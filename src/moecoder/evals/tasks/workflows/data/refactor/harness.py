@@ -1,6 +1,6 @@
 """Hidden checks' measuring side for the refactoring workflow. Runs next to the candidate's package.
 
-Modes (JSON config on stdin): "import" imports one module first in this fresh interpreter; "api" lists
+Modes (JSON config on stdin): "imports" imports each module first in a fresh interpreter; "api" lists
 which required names each module defines; "outputs" runs the experiment with the default
 configuration in both the original script and the package; "update" changes the configuration
 through the package and records each module's behaviour next to the original's after the same
@@ -11,6 +11,7 @@ import copy
 import importlib
 import importlib.util
 import json
+import subprocess
 import sys
 import traceback
 
@@ -33,23 +34,32 @@ def load_original():
 def attempt(fn):
     try:
         return {"value": fn()}
-    except BaseException:
+    except BaseException:  # noqa: BLE001 (candidate code may raise anything)
         return {"error": traceback.format_exc(limit=2)[-300:]}
 
 
 def main():
     pkg = CFG["package"]
     mode = CFG["mode"]
-    if mode == "import":
-        r = attempt(lambda: importlib.import_module(f"{pkg}.{CFG['module']}" if CFG["module"] else pkg).__name__)
-        return report(r)
+    if mode == "imports":
+        # Each module imported first, in its own fresh interpreter (import order exposes cycles).
+        results = {}
+        for mod in CFG["modules"]:
+            name = f"{pkg}.{mod}" if mod else pkg
+            try:
+                p = subprocess.run([sys.executable, "-B", "-c", f"import {name}"], capture_output=True, text=True,
+                                   timeout=30, check=False)
+                results[mod] = {"ok": p.returncode == 0, "error": p.stderr.strip().splitlines()[-1:]}
+            except subprocess.TimeoutExpired:
+                results[mod] = {"ok": False, "error": ["timeout"]}
+        return report(results)
     if mode == "api":
         found = {}
         for mod_name, names in CFG["api"].items():
             try:
                 mod = importlib.import_module(f"{pkg}.{mod_name}" if mod_name else pkg)
                 found[mod_name] = [n for n in names if hasattr(mod, n)]
-            except BaseException:
+            except BaseException:  # noqa: BLE001 (candidate code may raise anything)
                 found[mod_name] = []
         return report({"found": found})
     orig = load_original()
@@ -59,7 +69,7 @@ def main():
         model = importlib.import_module(f"{pkg}.model")
         train = importlib.import_module(f"{pkg}.train")
         evaluate = importlib.import_module(f"{pkg}.evaluate")
-    except BaseException:
+    except BaseException:  # noqa: BLE001 (candidate code may raise anything)
         return report({"import_error": traceback.format_exc(limit=2)[-300:]})
     if mode == "outputs":
         return report({"original": orig.run_experiment(), "package": attempt(evaluate.run_experiment)})

@@ -6,7 +6,7 @@ crash loses nothing: a restart replays exactly the messages whose windows are no
 
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import psycopg2.extras
 import psycopg2.pool
@@ -20,7 +20,7 @@ INSERT = """INSERT INTO window_aggregates
 
 
 def _ts(ms):
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
 
 
 class WindowState:

@@ -2,7 +2,7 @@
 
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import psycopg2
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
@@ -16,7 +16,7 @@ INSERT = """INSERT INTO window_aggregates
 
 
 def _ts(ms):
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
 
 
 class WindowState:

@@ -42,7 +42,7 @@ def split_dataset(data):
     rng = random.Random(CONFIG.seed + 1)
     order = list(range(len(data)))
     rng.shuffle(order)
-    n_test = int(round(len(data) * CONFIG.test_fraction))
+    n_test = round(len(data) * CONFIG.test_fraction)
     test = [data[i] for i in order[:n_test]]
     train = [data[i] for i in order[n_test:]]
     return train, test
