@@ -211,3 +211,28 @@ def test_tokenizer_dir_without_tokenizer(tmp_path):
     with pytest.raises(CheckpointError, match="has no tokenizer.json"):
         save_checkpoint(model, tmp_path / "ckpt", tokenizer_dir=tmp_path)
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_index_pointing_at_wrong_shard(tmp_path):
+    folder = save_checkpoint(_model(), tmp_path / "ckpt", max_shard_bytes=100_000)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    name = next(n for n, f in index["weight_map"].items() if f == shards[0])
+    index["weight_map"][name] = shards[1]
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=f"{shards[1]} does not contain tensor {name}"):
+        load_checkpoint(folder)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+        ({"model_type": "olmoe", "num_experts": 4, "clip_qkv": 8.0}, "olmoe with clip_qkv=8.0 is not supported"),
+        ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "unsupported rope type 'dynamic'"),
+    ],
+)
+def test_unsupported_options_are_named(ckpt, change, message):
+    _edit_config(ckpt, **change)
+    with pytest.raises(CheckpointError, match=message):
+        read_config(ckpt)

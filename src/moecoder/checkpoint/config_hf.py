@@ -38,7 +38,7 @@ def _model_type(d: dict[str, Any]) -> str:
 
 def _rope(d: dict[str, Any], mt: str) -> tuple[float, dict | None, float | None]:
     """(theta, moecoder rope_scaling, partial_rotary_factor) from either spelling."""
-    params = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    params = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})  # transformers: rope_scaling wins
     theta = params.pop("rope_theta", None) or d.get("rope_theta") or _DEFAULTS[mt]["rope_theta"]
     partial = params.pop("partial_rotary_factor", None) or d.get("partial_rotary_factor")
     kind = params.pop("rope_type", None) or params.pop("type", None) or "default"
