@@ -169,6 +169,7 @@ def test_interrupted_run_resumes_without_redoing_samples(tmp_path):
         assert len(srv.hits) == 6  # only the two samples never requested were requested
         again = make_runner(tmp_path, srv.url, ts, concurrency=1).run()
         assert again.new_samples == 0 and len(srv.hits) == 6
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["invocations"] == 3
     assert len(load_records(tmp_path / "run")) == 6
 
 

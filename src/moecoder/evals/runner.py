@@ -226,6 +226,7 @@ class Runner:
         pool = ThreadPoolExecutor(max_workers=self.cfg.concurrency, thread_name_prefix="gen")
         inflight: dict[Future, _Item] = {}
         queue = list(reversed(fresh))
+
         def top_up() -> bool:
             """Submit requests up to the concurrency bound unless the cap is reached; False when capped."""
             if self.cfg.max_usd is not None and spent >= self.cfg.max_usd:
@@ -250,7 +251,7 @@ class Runner:
 
         try:
             while queue or inflight:
-                if not top_up():
+                if not top_up() and queue:
                     state = "stopped: spending cap"
                 if not inflight:
                     break
@@ -262,7 +263,7 @@ class Runner:
                     if not self.cfg.generate_only or gen.error:
                         judge.append((it, gen))
                 # Keep the backend busy while this thread runs the (possibly slow) sandboxed checks.
-                if not top_up():
+                if not top_up() and queue:
                     state = "stopped: spending cap"
                 for it, gen in judge:
                     self._finish(it, gen)
@@ -293,6 +294,7 @@ class Runner:
     def _start_metadata(self, items: list[_Item]) -> dict[str, Any]:
         path = self.dir / "run.json"
         ident = self._identity()
+        old: dict[str, Any] = {}
         if path.exists():
             old = json.loads(path.read_text())
             if old.get("identity") != ident:
@@ -317,7 +319,8 @@ class Runner:
             "price_per_1m_input": self.price.input_per_1m if self.price else None,
             "versions": _versions(),
             "host": {"node": platform.node(), "platform": platform.platform(), "cpus": os.cpu_count()},
-            "started_at": _now(),
+            "started_at": old.get("started_at", _now()),
+            "invocations": old.get("invocations", 0) + 1,  # > 1: the run was resumed
             "state": "running",
         }
         write_json_atomic(path, meta)
