@@ -43,19 +43,24 @@ def main() -> None:
     send({"ok": True})
     while (req := recv()) is not None:
         fn = namespace.get(req["name"])
+        big = req.get("digest_over")
         if "batch" in req:  # several calls in one round trip; each item succeeds or fails on its own
-            body = _codec.dumps({"ok": True, "results": [_call(fn, req["name"], args) for args in req["batch"]]})
+            body = _codec.dumps({"ok": True, "results": [_call(fn, req["name"], args, big) for args in req["batch"]]})
         else:
-            body = _codec.dumps(_call(fn, req["name"], req["args"]))
+            body = _codec.dumps(_call(fn, req["name"], req["args"], big))
         _write_all(wfd, struct.pack(">I", len(body)) + body)
 
 
-def _call(fn, name: str, args: list) -> dict:
+def _call(fn, name: str, args: list, digest_over) -> dict:
     try:
         if not callable(fn):
             raise NameError(f"name {name!r} is not defined as a function")
         value = fn(*args)
         _codec.to_tagged(value)  # an unsupported return type is the candidate's error
+        if digest_over is not None:  # large results travel as a digest of their canonical encoding
+            canon = _codec.canonical(value)
+            if len(canon) > digest_over:
+                return {"ok": True, "digest": _codec.hashlib.sha256(canon).hexdigest(), "size": len(canon)}
         return {"ok": True, "value": value}
     except BaseException as e:  # noqa: BLE001
         return {"ok": False, "error": _describe(e)}

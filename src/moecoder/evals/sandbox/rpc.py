@@ -30,6 +30,7 @@ class CallResult:
     # Why it failed: "error" (the function raised or returned an unsupported type), "timeout", "memory",
     # "crash" (the interpreter died or broke the protocol), "load" (the module itself failed).
     kind: str = "ok"
+    digest: str | None = None  # set instead of `value` when the call asked for digests of large results
 
 
 class CallSession:
@@ -93,13 +94,15 @@ class CallSession:
             raise ValueError(f"argument cannot be sent to the sandbox: {e}") from None
         return self._request(msg, timeout if timeout is not None else self.limits.wall_s)
 
-    def call_many(self, args_list: list[list], timeout: float | None = None, name: str | None = None
-                  ) -> list[CallResult]:
+    def call_many(self, args_list: list[list], timeout: float | None = None, name: str | None = None,
+                  digest_over: int | None = None) -> list[CallResult]:
         """Several calls in one round trip (one timeout for all). On timeout or crash every item gets
         that result, since which call hung cannot be known."""
         if not self.loaded:
             return [self.load_result or CallResult(ok=False, error="session not started", kind="crash")] * len(args_list)
         msg = {"name": name or self.entry_point, "batch": [list(a) for a in args_list]}
+        if digest_over is not None:  # results whose canonical encoding is larger come back as sha256 only
+            msg["digest_over"] = int(digest_over)
         try:
             dumps(msg)
         except CodecError as e:
@@ -173,6 +176,10 @@ def _to_result(reply) -> CallResult:
     if type(reply) is not dict or type(reply.get("ok")) is not bool:
         return CallResult(ok=False, error="protocol violation: malformed reply", kind="crash")
     if reply["ok"]:
+        dig = reply.get("digest")
+        if dig is not None:
+            return CallResult(ok=True, digest=dig) if type(dig) is str else CallResult(
+                ok=False, error="protocol violation: bad digest", kind="crash")
         return CallResult(ok=True, value=reply.get("value"))
     error = reply.get("error")
     error = error[:500] if type(error) is str else "unknown error"
