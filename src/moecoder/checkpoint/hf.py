@@ -244,6 +244,7 @@ def save_checkpoint(
             json.dump(hf, f, indent=2, sort_keys=True)
         if tokenizer_dir is not None:
             _copy_tokenizer(Path(tokenizer_dir), tmp)
+        _fsync_files(tmp)  # the rename must not publish files whose data is still only in the page cache
         _replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -291,6 +292,15 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copyfile(src / name, dst / name)
+
+
+def _fsync_files(folder: Path) -> None:
+    for p in folder.iterdir():
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _replace_dir(tmp: Path, target: Path) -> None:
