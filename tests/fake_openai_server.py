@@ -40,6 +40,8 @@ class FakeOpenAIServer:
     def __init__(self, responder: Callable[[dict[str, Any], int], Reply]):
         self.responder = responder
         self.hits: list[Hit] = []
+        self.active = 0  # requests being answered right now
+        self.max_active = 0  # the most at once (checks the client's concurrency bound)
         self._lock = threading.Lock()
         server = self
 
@@ -55,6 +57,15 @@ class FakeOpenAIServer:
                 with server._lock:
                     server.hits.append(Hit(self.path, dict(self.headers), body))
                     number = len(server.hits) - 1
+                    server.active += 1
+                    server.max_active = max(server.max_active, server.active)
+                try:
+                    self._answer(body, number)
+                finally:
+                    with server._lock:
+                        server.active -= 1
+
+            def _answer(self, body: dict[str, Any], number: int) -> None:
                 reply = server.responder(body, number)
                 if reply.status != 200:
                     payload = json.dumps({"error": {"message": f"scripted {reply.status}"}}).encode()

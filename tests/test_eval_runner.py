@@ -230,3 +230,11 @@ def test_a_torn_last_line_loses_only_that_sample(tmp_path):
         r = make_runner(tmp_path, srv.url, tasks()[:1]).run()
         assert r.new_samples == 1 and r.cached_generations == 1 and len(srv.hits) == 2  # answer came from cache
     assert len(load_records(tmp_path / "run")) == 2
+
+
+def test_concurrency_is_bounded(tmp_path):
+    slow = Reply(text=fence("def add(a, b):\n    return a + b\n"), usage=(1, 1), first_delay=0.15)
+    with FakeOpenAIServer(lambda body, n: slow) as srv:
+        ts = [FakeTask(f"t{i}", "add", [((1, 2), 3)]) for i in range(4)]
+        r = make_runner(tmp_path, srv.url, ts, concurrency=3).run()
+    assert r.new_samples == 8 and srv.max_active == 3
