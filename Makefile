@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test bench clean
+.PHONY: setup system-deps run test clean
 
 setup: $(STAMP)
 
@@ -18,7 +18,11 @@ $(STAMP): pyproject.toml
 run: setup
 	$(VENV)/bin/moecoder demo
 
-test: setup
+# System packages some tests need (PostgreSQL for the pipeline workflow, bubblewrap for the sandbox).
+system-deps:
+	bash scripts/ci-system-deps.sh
+
+test: setup system-deps
 	$(PY) -m pytest -q -n 2 tests
 
 clean:
