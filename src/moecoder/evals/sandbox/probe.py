@@ -50,7 +50,7 @@ class ProbeReport:
     subreaper: bool = False
     rlimits: bool = False
     bwrap: str | None = None  # path of a working bubblewrap, reported only (the launcher does not need it)
-    launch_ok: bool = False  # an end-to-end run at the namespace tier worked
+    launch_ok: bool = False  # an end-to-end run at the reported tier (NAMESPACES or above) worked
     euid: int = -1
     kernel: str = ""
     arch: str = ""
@@ -80,9 +80,12 @@ def _try_launch(report: ProbeReport, tier: IsolationTier) -> str | None:
     from moecoder.evals.sandbox.runner import Sandbox
 
     trial = ProbeReport(**{**asdict(report), "tier": tier})
+    # Below the namespace tier a root harness runs samples as nobody, who may not reach our Python.
+    argv = [sys.executable, "-I", "-S", "-c", "print(6 * 7)"] if tier >= IsolationTier.NAMESPACES else [
+        "/bin/sh", "-c", "echo 42"]
     try:
         sb = Sandbox(min_tier=tier, opt_in=True, report=trial)
-        res = sb.run([sys.executable, "-I", "-S", "-c", "print(6 * 7)"], limits=SandboxLimits(wall_s=20, cpu_s=10))
+        res = sb.run(argv, limits=SandboxLimits(wall_s=20, cpu_s=10))
     except Exception as e:  # noqa: BLE001 - any failure means this tier is not usable here
         return f"{tier.name} launch: {type(e).__name__}: {e}"
     if res.returncode != 0 or res.stdout.strip() != b"42":
@@ -124,4 +127,9 @@ def probe() -> ProbeReport:
             report.problems.append(problem)
             if tier is IsolationTier.HARDENED:  # fall back to namespaces without the extra layers
                 report.landlock = report.seccomp = False
+    if report.tier is IsolationTier.PROCESS:
+        problem = _try_launch(report, IsolationTier.PROCESS)
+        if problem is not None:
+            report.problems.append(problem)
+            report.tier = IsolationTier.NONE
     return report
