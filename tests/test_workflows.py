@@ -9,9 +9,10 @@ from __future__ import annotations
 import pytest
 
 from moecoder.evals.tasks.workflows import load_workflows
+from moecoder.evals.tasks.workflows.common import single_file
 from moecoder.evals.tasks.workflows.pg import ThrowawayPostgres
 from moecoder.evals.tasks.workflows.pipeline import PipelineTask, expected_rows
-from moecoder.evals.tasks.workflows.refactor import RefactorTask, find_cycle, import_graph
+from moecoder.evals.tasks.workflows.refactor import RefactorTask, find_cycle, import_graph, reroot
 from moecoder.evals.tasks.workflows.training_loop import TrainingLoopTask, scheduled_lr
 from moecoder.evals.types import Status
 
@@ -206,3 +207,15 @@ def test_load_workflows_prompts_carry_the_contracts():
     for t in tasks:
         p = t.prompts()["instruction"]
         assert p.messages == [{"role": "user", "content": p.text}] and p.task_id == t.task_id
+
+
+def test_answer_files_are_normalised_before_checks():
+    # A single-file task accepts its one Python file under another name; other files stay.
+    assert single_file({"train.py": "x = 1", "NOTES.md": "n"}, "train_loop.py") == {"train_loop.py": "x = 1",
+                                                                                   "NOTES.md": "n"}
+    assert single_file({"a.py": "", "b.py": ""}, "train_loop.py") == {"a.py": "", "b.py": ""}
+    assert single_file("y = 2", "pipeline.py") == {"pipeline.py": "y = 2"}
+    # A package written under a prefix is moved to the top; unrelated files are left alone.
+    files = {"src/tinyml/__init__.py": "", "src/tinyml/config.py": "C = 1", "README.md": "r"}
+    assert reroot(files) == {"tinyml/__init__.py": "", "tinyml/config.py": "C = 1", "README.md": "r"}
+    assert reroot({"tinyml/__init__.py": ""}) == {"tinyml/__init__.py": ""}

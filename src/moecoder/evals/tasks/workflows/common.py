@@ -38,6 +38,18 @@ def read_tree(root: Path) -> dict[str, str]:
     }
 
 
+def single_file(code: str | dict[str, str], main: str) -> dict[str, str]:
+    """Files of a single-file task. A lone Python file under another name is taken as the main file:
+    the contract is about the code, and the file name is the extractor's guess as much as the model's."""
+    if isinstance(code, str):
+        return {main: code}
+    files = dict(code)
+    py = [p for p in files if p.endswith(".py")]
+    if main not in files and len(py) == 1:
+        files[main] = files.pop(py[0])
+    return files
+
+
 def make_prompts(task_id: str, text: str) -> dict[str, Prompt]:
     """Workflows are instruction tasks; the completion style sends the same text unchallenged."""
     messages = [{"role": "user", "content": text}]

@@ -74,10 +74,14 @@ class ThrowawayPostgres:
         initdb, pg_ctl = find_binary("initdb"), find_binary("pg_ctl")
         run_as = None
         if os.geteuid() == 0:
-            try:
-                run_as = pwd.getpwnam("postgres")
-            except KeyError:
-                raise PostgresUnavailable("running as root and no `postgres` user exists to run the server")
+            for name in ("postgres", "nobody"):  # PostgreSQL refuses to run as root
+                try:
+                    run_as = pwd.getpwnam(name)
+                    break
+                except KeyError:
+                    continue
+            else:
+                raise PostgresUnavailable("running as root and neither `postgres` nor `nobody` exists to run the server")
         self.user = run_as.pw_name if run_as else pwd.getpwuid(os.geteuid()).pw_name
         # Not under /tmp: a sandbox mounts its own /tmp, which would hide the socket directory bound into it.
         base = "/var/tmp" if os.access("/var/tmp", os.W_OK) else None

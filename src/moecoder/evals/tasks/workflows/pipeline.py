@@ -25,6 +25,7 @@ from moecoder.evals.tasks.workflows.common import (
     make_prompts,
     read_tree,
     run_harness,
+    single_file,
     syntax_verdict,
 )
 from moecoder.evals.tasks.workflows.pg import PostgresUnavailable, ThrowawayPostgres
@@ -147,7 +148,7 @@ class PipelineTask:
         return make_prompts(self.task_id, (self.root / "prompt.md").read_text())
 
     def evaluate(self, code: str | dict[str, str], sandbox: Any = None) -> Verdict:
-        files = {MAIN_FILE: code} if isinstance(code, str) else dict(code)
+        files = single_file(code, MAIN_FILE)
         early = syntax_verdict(files, len(self.CHECKS), [MAIN_FILE])
         if early is not None:
             return early
@@ -185,9 +186,9 @@ class PipelineTask:
             # idle timeout keeps the quiet spell from ending the run.
             crash_cfg = {**config, "crash_after": crash_after, "lull_after": crash_after * 2 // 3, "lull_s": 1.3,
                          "idle_timeout_s": 5.0}
-            outs.append(run_harness(sandbox, run_files, "_wf_harness.py", crash_cfg, wall_s=60.0, binds=binds))
+            outs.append(run_harness(sandbox, run_files, "_wf_harness.py", crash_cfg, wall_s=30.0, binds=binds))
             config["resume"] = True
-        outs.append(run_harness(sandbox, run_files, "_wf_harness.py", config, wall_s=60.0, binds=binds))
+        outs.append(run_harness(sandbox, run_files, "_wf_harness.py", config, wall_s=30.0, binds=binds))
         return db, app, outs
 
     def _evaluate(self, pg: ThrowawayPostgres, run_files: dict[str, str], base: Verdict, dbs: list[str],

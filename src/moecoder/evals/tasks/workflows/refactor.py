@@ -43,6 +43,18 @@ def module_file(module: str) -> str:
     return f"{PACKAGE}/__init__.py" if not module else f"{PACKAGE}/{module}.py"
 
 
+def reroot(files: dict[str, str]) -> dict[str, str]:
+    """`src/tinyml/config.py` -> `tinyml/config.py`: a package given under a prefix is moved to the top."""
+    init = f"{PACKAGE}/__init__.py"
+    if init in files:
+        return files
+    inits = [p for p in files if p.endswith("/" + init)]
+    if len(inits) != 1:
+        return files
+    prefix = inits[0][: -len(init)]
+    return {p.removeprefix(prefix) if p.startswith(prefix + PACKAGE + "/") else p: s for p, s in files.items()}
+
+
 def import_graph(files: dict[str, str]) -> dict[str, set[str]]:
     """Module-level import edges between the package's own modules (function-level imports excluded:
     they are the usual way to break a cycle and run only at call time)."""
@@ -131,7 +143,7 @@ class RefactorTask:
     def evaluate(self, code: str | dict[str, str], sandbox: Any = None) -> Verdict:
         if isinstance(code, str):
             code = {module_file("evaluate"): code}  # a single file cannot be the package; it fails the checks
-        files = {posixpath.normpath(p): s for p, s in code.items()}
+        files = reroot({posixpath.normpath(p): s for p, s in code.items()})
         early = syntax_verdict(files, len(self.CHECKS), [module_file(m) for m in MODULES])
         if early is not None:
             return early

@@ -10,7 +10,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from moecoder.evals.tasks.workflows.common import data_dir, decide, make_prompts, run_harness, syntax_verdict
+from moecoder.evals.tasks.workflows.common import (
+    data_dir,
+    decide,
+    make_prompts,
+    run_harness,
+    single_file,
+    syntax_verdict,
+)
 from moecoder.evals.types import Prompt, Status, Verdict
 
 MAIN_FILE = "train_loop.py"
@@ -40,7 +47,7 @@ class TrainingLoopTask:
         return make_prompts(self.task_id, (self.root / "prompt.md").read_text())
 
     def evaluate(self, code: str | dict[str, str], sandbox: Any = None) -> Verdict:
-        files = {MAIN_FILE: code} if isinstance(code, str) else dict(code)
+        files = single_file(code, MAIN_FILE)
         early = syntax_verdict(files, len(self.CHECKS), [MAIN_FILE])
         if early is not None:
             return early
