@@ -1,6 +1,7 @@
 """The training loop: LR per optimizer step, global-token loss normalisation, aux losses, schedules, CLI."""
 
 import copy
+import io
 import json
 import os
 import subprocess
@@ -109,7 +110,7 @@ def test_lr_after_n_steps_is_the_same_for_accumulation_1_4_8(tmp_path, monkeypat
         monkeypatch.setattr(loop, "train_step", recording)
         cfg = TrainConfig(steps=N_STEPS, batch_size=BATCH, micro_batch=BATCH // accum, seq_len=16, lr=1e-3,
                           min_lr=1e-4, warmup=2, eval_every=0, keep=0)
-        train(cfg, tiny_cfg(), tmp_path / f"run{accum}", loader_factory=factory(data), stream=open(os.devnull, "w"))
+        train(cfg, tiny_cfg(), tmp_path / f"run{accum}", loader_factory=factory(data), stream=io.StringIO())
         return applied
 
     assert_lr_independent_of_accumulation(real_trace)

@@ -1,7 +1,7 @@
 """Checkpoints: exact resume after SIGKILL, manifest checks, fallback to the previous good checkpoint."""
 
 import io
-import os
+import json
 import random
 import signal
 import subprocess
@@ -11,10 +11,10 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train_loop import cli_env, factory, tiny_cfg, write_token_dir
 
 from moecoder.train import state as S
 from moecoder.train.loop import TrainConfig, train
-from test_train_loop import cli_env, factory, tiny_cfg, write_token_dir  # noqa: F401  (one_thread is autouse there)
 
 STEPS = 24
 
@@ -72,9 +72,9 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_identical(tmp_path):
     # The resumed run's log has every step exactly once, with the reference's losses.
     ref_log = (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()
     got_log = (out / "metrics.jsonl").read_text().splitlines()
-    import json
+    def losses(lines):
+        return [(json.loads(x)["step"], json.loads(x)["loss"]) for x in lines]
 
-    losses = lambda lines: [(json.loads(x)["step"], json.loads(x)["loss"]) for x in lines]  # noqa: E731
     assert losses(got_log) == losses(ref_log)
 
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +62,7 @@ class TrainConfig:
     save_every: int = 100  # 0: only at the end
     keep: int = 3  # checkpoints kept; 0: write none
     seed: int = 0
+    stop_after: int | None = None  # end (with a checkpoint) after this step; the schedule still spans `steps`
     log_every: int = 1  # progress line every N steps (metrics.jsonl gets every step)
     parallel: str = "ddp"  # "ddp" | "fsdp" (FSDP2) when launched with torchrun
     device: str | None = None  # None: CUDA when available
@@ -100,14 +102,14 @@ class TrainConfig:
                         kind=self.schedule, decay_frac=self.decay_frac)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         defaults = {f.name: f.default for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - set(defaults))
         if unknown:
             raise TrainConfigError(f"unknown training options: {', '.join(unknown)}")
         out = {}
         for k, v in d.items():
-            kind = type(defaults[k]) if defaults[k] is not None else (int if k == "micro_batch" else str)
+            kind = type(defaults[k]) if defaults[k] is not None else (int if k in ("micro_batch", "stop_after") else str)
             try:
                 # YAML reads 3e-4 as a string; ints are fine where floats are expected.
                 out[k] = v if v is None else (kind(v) if kind is not int else _as_int(v))
@@ -424,7 +426,8 @@ def train(
     last: dict[str, Any] = {"step": start}
     last_ckpt = ckpt
     try:
-        for step in range(start, cfg.steps):
+        end = min(cfg.steps, cfg.stop_after or cfg.steps)
+        for step in range(start, end):
             t0 = time.perf_counter()
             lr = schedule(step)  # the LR of optimizer step number `step`
             x_BT, y_BT = loader.next_batch(local_batch)
@@ -449,7 +452,7 @@ def train(
             metrics.log(record)
             metrics.progress(done, res.loss, lr, record["tokens_per_s"])
             last = record
-            if cfg.keep and ((cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps):
+            if cfg.keep and ((cfg.save_every and done % cfg.save_every == 0) or done == end):
                 _save(out_dir, done, model=model, optimizer=optimizer, scaler=scaler, loader=loader,
                       model_cfg=model_cfg, cfg=cfg, info=info, tokenizer_dir=tokenizer_dir, log=metrics.message)
                 last_ckpt = S.checkpoint_root(out_dir) / S.step_dir_name(done)

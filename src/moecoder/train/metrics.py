@@ -7,6 +7,7 @@ after logging (but before checkpointing) a step does not log that step twice.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -117,7 +118,7 @@ class MetricsLogger:
 
 
 def _fmt_time(seconds: float) -> str:
-    if seconds != seconds or seconds == float("inf"):
+    if not math.isfinite(seconds):
         return "?"
     s = int(seconds)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"

@@ -16,7 +16,7 @@ Launch with torchrun for data parallel: `torchrun --nproc_per_node=N -m moecoder
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -25,7 +25,7 @@ from ..cli import UserError
 
 def _load_config(spec: str) -> tuple[Any, dict[str, Any]]:
     """(ModelConfig, training options from the YAML) for a preset name or a YAML path."""
-    from ..config import ConfigError, PRESETS, ModelConfig, get_preset
+    from ..config import PRESETS, ConfigError, ModelConfig, get_preset
 
     path = Path(spec)
     if spec in PRESETS and not path.is_file():
@@ -70,28 +70,29 @@ def train_cmd(
     config: str = typer.Option(..., "--config", help="Preset name or YAML file (model + train sections)."),
     data: Path = typer.Option(..., "--data", help="Tokenised data folder (index.json + shards)."),
     out: Path = typer.Option(..., "--out", help="Run folder: metrics.jsonl, checkpoints/, tb/."),
-    steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
-    batch_size: Optional[int] = typer.Option(None, help="Global batch in sequences (all ranks and micro-batches)."),
-    micro_batch: Optional[int] = typer.Option(None, help="Sequences per forward on one rank (accumulation)."),
-    seq_len: Optional[int] = typer.Option(None, help="Tokens per sequence."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
-    min_lr: Optional[float] = typer.Option(None, help="Final learning rate."),
-    warmup: Optional[int] = typer.Option(None, help="Linear warmup steps."),
-    schedule: Optional[str] = typer.Option(None, help="cosine | wsd."),
-    weight_decay: Optional[float] = typer.Option(None, help="AdamW decoupled weight decay (not on norms, biases, embeddings)."),
-    clip: Optional[float] = typer.Option(None, help="Max global grad norm (0: off)."),
-    precision: Optional[str] = typer.Option(None, help="fp32 | bf16 (autocast) | fp16 (CUDA, GradScaler)."),
-    lb_coef: Optional[float] = typer.Option(None, help="Load-balancing loss coefficient."),
-    z_coef: Optional[float] = typer.Option(None, help="Router z-loss coefficient."),
-    bias_update_rate: Optional[float] = typer.Option(None, help="Aux-loss-free router bias step (needs routing_bias)."),
-    eval_every: Optional[int] = typer.Option(None, help="Eval on the val split every N steps (0: never)."),
-    save_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps (always at the end)."),
-    keep: Optional[int] = typer.Option(None, help="Checkpoints kept (0: none written)."),
-    seed: Optional[int] = typer.Option(None, help="Seed of the init and the data order."),
-    parallel: Optional[str] = typer.Option(None, help="ddp | fsdp (FSDP2), under torchrun."),
-    device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda when available)."),
+    steps: int | None = typer.Option(None, help="Optimizer steps."),
+    batch_size: int | None = typer.Option(None, help="Global batch in sequences (all ranks and micro-batches)."),
+    micro_batch: int | None = typer.Option(None, help="Sequences per forward on one rank (accumulation)."),
+    seq_len: int | None = typer.Option(None, help="Tokens per sequence."),
+    lr: float | None = typer.Option(None, help="Peak learning rate."),
+    min_lr: float | None = typer.Option(None, help="Final learning rate."),
+    warmup: int | None = typer.Option(None, help="Linear warmup steps."),
+    schedule: str | None = typer.Option(None, help="cosine | wsd."),
+    weight_decay: float | None = typer.Option(None, help="AdamW decoupled weight decay (not on norms, biases, embeddings)."),
+    clip: float | None = typer.Option(None, help="Max global grad norm (0: off)."),
+    precision: str | None = typer.Option(None, help="fp32 | bf16 (autocast) | fp16 (CUDA, GradScaler)."),
+    lb_coef: float | None = typer.Option(None, help="Load-balancing loss coefficient."),
+    z_coef: float | None = typer.Option(None, help="Router z-loss coefficient."),
+    bias_update_rate: float | None = typer.Option(None, help="Aux-loss-free router bias step (needs routing_bias)."),
+    eval_every: int | None = typer.Option(None, help="Eval on the val split every N steps (0: never)."),
+    save_every: int | None = typer.Option(None, help="Checkpoint every N steps (always at the end)."),
+    keep: int | None = typer.Option(None, help="Checkpoints kept (0: none written)."),
+    seed: int | None = typer.Option(None, help="Seed of the init and the data order."),
+    stop_after: int | None = typer.Option(None, help="Stop (with a checkpoint) after this step; the LR schedule still spans --steps."),
+    parallel: str | None = typer.Option(None, help="ddp | fsdp (FSDP2), under torchrun."),
+    device: str | None = typer.Option(None, help="cpu | cuda (default: cuda when available)."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the newest good checkpoint in --out."),
-    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer folder copied into each checkpoint."),
+    tokenizer: Path | None = typer.Option(None, "--tokenizer", help="Tokenizer folder copied into each checkpoint."),
 ) -> None:
     """Train a model on a tokenised data folder; resumable, DDP/FSDP2 under torchrun."""
     from ..checkpoint import CheckpointError
@@ -104,7 +105,7 @@ def train_cmd(
         steps=steps, batch_size=batch_size, micro_batch=micro_batch, seq_len=seq_len, lr=lr, min_lr=min_lr,
         warmup=warmup, schedule=schedule, weight_decay=weight_decay, clip=clip, precision=precision,
         lb_coef=lb_coef, z_coef=z_coef, bias_update_rate=bias_update_rate, eval_every=eval_every,
-        save_every=save_every, keep=keep, seed=seed, parallel=parallel, device=device).items() if v is not None}
+        save_every=save_every, keep=keep, seed=seed, stop_after=stop_after, parallel=parallel, device=device).items() if v is not None}
     try:
         cfg = TrainConfig.from_dict({**from_yaml, **given})
         if cfg.seq_len > model_cfg.max_seq_len:

@@ -1,0 +1,83 @@
+"""torchrun with 2 CPU processes (gloo) reproduces the single-process loss trajectory, DDP and FSDP2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train_loop import cli_env, write_token_dir
+
+from moecoder.cli import main
+from moecoder.train import state as S
+
+STEPS = 5
+
+
+def _args(data, out, micro):
+    # micro-batch 1 everywhere: the aux losses are per micro-batch means, so with one sequence per
+    # micro-batch both runs average the same per-sequence terms and must agree.
+    return ["train", "--config", "debug", "--data", str(data), "--out", str(out), "--steps", str(STEPS),
+            "--batch-size", "4", "--micro-batch", str(micro), "--seq-len", "16", "--warmup", "2", "--lr", "3e-3",
+            "--eval-every", str(STEPS), "--save-every", str(STEPS), "--keep", "1", "--device", "cpu"]
+
+
+def _records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(out):
+    (step, folder), = S.list_checkpoints(out)
+    assert step == STEPS and S.verify_checkpoint(folder) == STEPS
+    return load_file(folder / S.MODEL_DIR / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("single")
+    data = write_token_dir(tmp / "data", n_train=3000, n_val=600)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(sys, "argv", ["moecoder", *_args(data, tmp / "run", 1)])
+            with pytest.raises(SystemExit) as exc:
+                main()
+            assert exc.value.code in (0, None)
+    finally:
+        torch.set_num_threads(n)
+    return data, _records(tmp / "run"), _weights(tmp / "run")
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_gloo_ranks_match_one_process(single_run, tmp_path, parallel):
+    data, ref, ref_weights = single_run
+    out = tmp_path / parallel
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "moecoder",
+           *_args(data, out, 1), "--parallel", parallel]
+    if parallel == "fsdp":
+        # Stop after step 3 and resume: loads the full optimizer state into the sharded optimizer.
+        p = subprocess.run([*cmd, "--stop-after", "3"], capture_output=True, text=True, env=cli_env(), timeout=120)
+        assert p.returncode == 0, p.stderr[-3000:]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    if parallel == "fsdp":
+        assert "resumed from" in p.stderr and "step_00000003 at step 3" in p.stderr
+    got = _records(out)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    for a, b in zip(ref, got):
+        assert b["target_tokens"] == a["target_tokens"]  # all-reduced: the global count
+        for key in ("loss", "lb_loss", "z_loss", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=2e-5, abs=1e-6), (parallel, b["step"], key)
+        assert b["lr"] == a["lr"]
+    assert got[-1]["eval_loss"] == pytest.approx(ref[-1]["eval_loss"], rel=2e-5)
+    assert got[-1]["loss"] < got[0]["loss"]
+    # The expert counts are all-reduced too: same weights at step 1, so the same global routing.
+    assert got[0]["tokens_per_expert"] == ref[0]["tokens_per_expert"]
+    assert all(sum(c) == 4 * 16 * 2 for c in got[0]["tokens_per_expert"])
+    # Rank 0 wrote one full (unsharded) checkpoint with the single process's weights.
+    weights = _weights(out)
+    assert weights.keys() == ref_weights.keys()
+    for name, w in weights.items():
+        torch.testing.assert_close(w, ref_weights[name], rtol=1e-4, atol=1e-6, msg=f"{parallel}: {name} differs from the single process")
