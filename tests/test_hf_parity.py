@@ -300,3 +300,14 @@ def test_qwen15_moe_fields():
     stepped = from_hf_config(LEGACY_SPELLINGS["qwen2-moe-sparse-step-window"])
     assert stepped.dense_layers == (0, 2, 3, 4)  # odd (i + 1) % 2, plus mlp_only_layers
     assert stepped.sliding_window == 64 and stepped.sliding_window_layers == (0, 2)
+
+
+def test_legacy_rope_type_key_saves_as_rope_type():
+    from moecoder.checkpoint import to_hf_config
+    from moecoder.config import get_preset
+
+    yarn = {"factor": 4.0, "original_max_position_embeddings": 32768}
+    cfg = get_preset("qwen3-30b-a3b").replace(rope_scaling={"type": "yarn", **yarn})
+    d = to_hf_config(cfg)
+    assert AutoConfig.for_model(**d).rope_parameters == {"rope_type": "yarn", "rope_theta": 1e6, **yarn}
+    assert from_hf_config(d).rope_scaling == {"rope_type": "yarn", **yarn}

@@ -36,13 +36,19 @@ def _model_type(d: dict[str, Any]) -> str:
     return mt
 
 
+def _rope_kind(params: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
+    """(rope type, remaining parameters), accepting both the `rope_type` and legacy `type` keys."""
+    rest = dict(params or {})
+    kind = rest.pop("rope_type", None) or rest.pop("type", None) or "default"
+    rest.pop("type", None)
+    return kind, rest
+
+
 def _rope(d: dict[str, Any], mt: str) -> tuple[float, dict | None, float | None]:
     """(theta, moecoder rope_scaling, partial_rotary_factor) from either spelling."""
-    params = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})  # transformers: rope_scaling wins
+    kind, params = _rope_kind(d.get("rope_scaling") or d.get("rope_parameters"))  # transformers: rope_scaling wins
     theta = params.pop("rope_theta", None) or d.get("rope_theta") or _DEFAULTS[mt]["rope_theta"]
     partial = params.pop("partial_rotary_factor", None) or d.get("partial_rotary_factor")
-    kind = params.pop("rope_type", None) or params.pop("type", None) or "default"
-    params.pop("type", None)
     if kind == "default":
         return float(theta), None, partial
     if kind in ("yarn", "llama3"):
@@ -132,8 +138,9 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
         "max_position_embeddings": cfg.max_seq_len, "num_experts_per_tok": cfg.top_k,
         "norm_topk_prob": cfg.norm_topk,
-        "rope_parameters": {"rope_type": "default", **(cfg.rope_scaling or {}), "rope_theta": cfg.rope_theta},
     }
+    kind, rope = _rope_kind(cfg.rope_scaling)
+    d["rope_parameters"] = {"rope_type": kind, **rope, "rope_theta": cfg.rope_theta}
     experts_key = "num_local_experts" if mt in ("mixtral", "minimax_m2") else "num_experts"
     d[experts_key] = cfg.n_experts
     if mt in ("qwen2_moe", "qwen3_moe"):
@@ -146,7 +153,7 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         if not cfg.norm_topk:
             # transformers' Mixtral ignores this key and renormalises anyway: moecoder reads the
             # folder back exactly, transformers does not. Warn rather than refuse, because the
-            # debug and bench presets are mixtral-typed without renormalisation.
+            # debug preset is mixtral-typed without renormalisation.
             warnings.warn("saving a mixtral model with norm_topk=False; transformers will renormalise its "
                           "top-k weights", stacklevel=3)
         else:
@@ -183,6 +190,8 @@ def _canonical(cfg: ModelConfig) -> dict[str, Any]:
     else:
         d["sliding_window_layers"] = sorted(set(cfg.sliding_window_layers))
     d["dense_layers"] = sorted(set(cfg.dense_layers))
+    kind, rope = _rope_kind(cfg.rope_scaling)
+    d["rope_scaling"] = None if kind == "default" else {"rope_type": kind, **rope}
     return d
 
 
