@@ -60,6 +60,21 @@ def test_training_loop_flawed_solutions_score_exactly(sandbox, name, passed, fai
     assert failed(v) == failing
 
 
+def test_training_loop_checks_are_independent(sandbox):
+    # Three unrelated bugs in one mutant, each caught by its own check and by no other.
+    task = TrainingLoopTask()
+    src = task.reference()["train_loop.py"]
+    for old, new in [
+        ("sync = contextlib.nullcontext() if (last or not ddp) else net.no_sync()", "sync = contextlib.nullcontext()"),
+        ("with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):", "with contextlib.nullcontext():"),
+        ("        if not window:\n", "        if len(window) < accum_steps:\n"),  # drops the trailing partial window
+    ]:
+        src = _mutate(src, old, new)
+    v = task.evaluate(src, sandbox)
+    assert failed(v) == {"ddp_sync_once_per_step", "mixed_precision", "partial_window"}
+    assert (v.checks_passed, v.checks_total) == (5, 8)
+
+
 # ---- workflow 2: multi-file refactor -------------------------------------------------------------
 
 
