@@ -19,10 +19,8 @@ from moecoder.evals.types import Status
 
 @pytest.fixture(scope="module")
 def sandbox():
-    try:
-        from moecoder.evals.sandbox import IsolationTier, Sandbox
-    except ImportError:  # sandbox module not there yet: the tasks fall back to a plain subprocess
-        return None
+    from moecoder.evals.sandbox import IsolationTier, Sandbox
+
     return Sandbox(opt_in=True, min_tier=IsolationTier.NONE)
 
 
@@ -209,6 +207,9 @@ def test_garbage_and_syntax_errors_get_syntax_verdicts(sandbox):
 
     v = refactor.evaluate({"tinyml/__init__.py": ""}, sandbox)  # compiles, but the package is missing files
     assert v.status is Status.FAIL and v.syntax_ok and "tinyml/config.py" in v.detail
+
+    with pytest.raises(ValueError, match="pass a moecoder.evals.sandbox.Sandbox"):
+        train.evaluate(train.reference(), None)  # candidate code never runs outside the sandbox
 
 
 def test_load_workflows_prompts_carry_the_contracts():

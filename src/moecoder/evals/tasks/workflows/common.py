@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
-import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -109,37 +106,6 @@ class RunOutcome:
         return lines[-1][:300] if lines else f"exit code {self.result.returncode}, no report"
 
 
-@dataclass
-class _PlainResult:
-    returncode: int
-    stdout: str
-    stderr: str
-    timed_out: bool
-    memory_exceeded: bool = False
-    output_truncated: bool = False
-    wall_s: float = 0.0
-    signal: int | None = None
-
-
-def _plain_run(argv: list[str], files: dict[str, str], wall_s: float, stdin: str | None) -> _PlainResult:
-    """Unisolated stand-in used only while moecoder.evals.sandbox does not exist yet."""
-    with tempfile.TemporaryDirectory(prefix="moecoder-wf-") as tmp:
-        for rel, text in files.items():
-            dest = Path(tmp) / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_text(text)
-        t0 = time.monotonic()
-        try:
-            p = subprocess.run(argv, cwd=tmp, input=stdin, capture_output=True, text=True, timeout=wall_s,
-                               check=False)
-            return _PlainResult(p.returncode, p.stdout, p.stderr, False, wall_s=time.monotonic() - t0,
-                                signal=-p.returncode if p.returncode < 0 else None)
-        except subprocess.TimeoutExpired as e:
-            out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-            err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
-            return _PlainResult(-9, out, err, True, wall_s=time.monotonic() - t0)
-
-
 def run_harness(
     sandbox: Any,
     files: dict[str, str],
@@ -174,10 +140,8 @@ def parse_report(stdout: str, marker: str) -> dict[str, Any] | None:
 
 def _sandbox_run(sandbox: Any, argv: list[str], files: dict[str, str], *, wall_s: float, memory_mb: int,
                  stdin: str | None, binds: list[str] | None = None) -> Any:
-    try:
-        from moecoder.evals.sandbox import SandboxLimits  # engineer F's module
-    except ImportError:
-        return _plain_run(argv, files, wall_s, stdin)
+    from moecoder.evals.sandbox import SandboxLimits
+
     if sandbox is None:
         raise ValueError("workflow tasks run candidate code: pass a moecoder.evals.sandbox.Sandbox")
     if binds:
