@@ -21,6 +21,7 @@ import json
 import math
 import os
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -314,7 +315,7 @@ def _outputs_match(out, exp, atol: float, entry_point: str, args: list) -> bool:
 def _called_functions(asserts: list[str], reference_program: str) -> list[str]:
     """Names the MBPP tests call that the reference defines at top level (the functions under test)."""
     try:
-        defined = {n.name for n in ast.parse(reference_program).body
+        defined = {n.name for n in _parse(reference_program).body
                    if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
     except SyntaxError:
         defined = set()
@@ -332,18 +333,25 @@ def _called_functions(asserts: list[str], reference_program: str) -> list[str]:
     return names
 
 
+def _parse(src: str) -> ast.Module:
+    with warnings.catch_warnings():  # dataset code has old-style escapes ("\\W"): not our concern here
+        warnings.simplefilter("ignore", SyntaxWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return ast.parse(src)
+
+
 def _check_proxyable(asserts: list[str], setup: str, reference_program: str) -> None:
     """Tests that build the reference's own classes (MBPP's tree/Pair tasks) cannot run against a proxy:
     their arguments would be objects of the candidate's module."""
-    classes = {n.name for n in ast.parse(reference_program).body if isinstance(n, ast.ClassDef)}
-    used = {n.id for src in [*asserts, setup] for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Name)}
+    classes = {n.name for n in _parse(reference_program).body if isinstance(n, ast.ClassDef)}
+    used = {n.id for src in [*asserts, setup] for n in ast.walk(_parse(src)) if isinstance(n, ast.Name)}
     if classes & used:
         raise UnsupportedTask(f"tests construct the solution's classes {sorted(classes & used)}")
 
 
 def _import_lines(program: str) -> str:
     try:
-        tree = ast.parse(program)
+        tree = _parse(program)
     except SyntaxError:
         return ""
     return "\n".join(ast.unparse(n) for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom)))

@@ -155,7 +155,7 @@ def _sandbox_run(sandbox: Any, argv: list[str], files: dict[str, str], *, wall_s
     return r
 
 
-_derived: dict[tuple[int, tuple[str, ...]], Any] = {}
+_derived: dict[tuple[int, tuple[str, ...]], tuple[Any, Any]] = {}
 
 
 def with_read_only(sandbox: Any, paths: list[str]) -> Any:
@@ -164,9 +164,10 @@ def with_read_only(sandbox: Any, paths: list[str]) -> Any:
     The caller already opted in by handing us a sandbox; its probe report is reused, not redone."""
     key = (id(sandbox), tuple(sorted(paths)))
     if key not in _derived:
-        _derived[key] = type(sandbox)(min_tier=sandbox.tier, opt_in=True, hide=list(sandbox.hide),
-                                      extra_ro=list(paths), report=sandbox.report)
-    return _derived[key]
+        derived = type(sandbox)(min_tier=sandbox.tier, opt_in=True, hide=list(sandbox.hide),
+                                extra_ro=list(paths), report=sandbox.report)
+        _derived[key] = (sandbox, derived)  # holding the original keeps its id from being reused
+    return _derived[key][1]
 
 
 def decide(checks: list[tuple[str, Callable[[], bool]]], base: Verdict) -> Verdict:

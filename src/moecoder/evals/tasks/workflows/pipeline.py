@@ -162,12 +162,20 @@ class PipelineTask:
         run_files = {**files, "_wf_harness.py": (self.root / "harness.py").read_text(),
                      "confluent_kafka/__init__.py":
                          (self.root / "fake_kafka" / "confluent_kafka" / "__init__.py").read_text()}
+        import psycopg2
+
         dbs: list[str] = []
         try:
             return self._evaluate(pg, run_files, base, dbs, sandbox)
+        except psycopg2.Error as e:  # our own connections failing means the server, not the candidate
+            base.status, base.detail = Status.INFRA, f"PostgreSQL: {str(e).strip().splitlines()[0]}"
+            return base
         finally:
             for db in dbs:
-                pg.drop_database(db)
+                try:
+                    pg.drop_database(db)
+                except psycopg2.Error:
+                    pass  # the server is gone; its directory goes with stop()
 
     def _scenario(self, pg: ThrowawayPostgres, run_files: dict[str, str], dbs: list[str], sandbox: Any,
                   messages: list[dict[str, Any]], expected: list[dict[str, Any]], crash_after: int | None):
