@@ -148,6 +148,13 @@ def test_pipeline_flawed_no_batching_no_pool_scores_exactly(sandbox, pg):
     assert v.measurements["insert_round_trips"] == v.measurements["rows"] == v.measurements["expected_rows"]
 
 
+def test_pipeline_without_a_server_is_an_infra_verdict(sandbox, tmp_path):
+    (tmp_path / "sock").mkdir()
+    task = PipelineTask(ThrowawayPostgres(root=tmp_path, user="nobody"))  # nothing listens on that socket
+    v = task.evaluate(task.reference(), sandbox)
+    assert v.status is Status.INFRA and v.detail.startswith("PostgreSQL:")
+
+
 def _mutate(source: str, old: str, new: str) -> str:
     assert old in source
     return source.replace(old, new)
