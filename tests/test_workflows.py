@@ -242,3 +242,16 @@ def test_answer_files_are_normalised_before_checks():
     files = {"src/tinyml/__init__.py": "", "src/tinyml/config.py": "C = 1", "README.md": "r"}
     assert reroot(files) == {"tinyml/__init__.py": "", "tinyml/config.py": "C = 1", "README.md": "r"}
     assert reroot({"tinyml/__init__.py": ""}) == {"tinyml/__init__.py": ""}
+
+
+def test_reference_answers_survive_the_documented_multi_file_format():
+    # What a model following the prompt would send back, through the project's extractor.
+    from moecoder.evals.extract import extract_files
+    from moecoder.evals.templates import DEFAULT_TEMPLATE, get_template
+
+    template = get_template(DEFAULT_TEMPLATE["workflows"])
+    for task in load_workflows():
+        assert template.render(task).messages[-1]["content"] == task.prompts()["instruction"].text
+        files = {p: c for p, c in task.reference().items() if p.endswith(".py")}
+        answer = "Here you go.\n\n" + "\n".join(f"### {p}\n```python\n{c}```\n" for p, c in files.items())
+        assert extract_files(answer) == files
