@@ -12,7 +12,7 @@ from moecoder.evals.tasks.workflows import load_workflows
 from moecoder.evals.tasks.workflows.common import single_file
 from moecoder.evals.tasks.workflows.pg import ThrowawayPostgres
 from moecoder.evals.tasks.workflows.pipeline import PipelineTask, expected_rows
-from moecoder.evals.tasks.workflows.refactor import RefactorTask, find_cycle, import_graph, reroot
+from moecoder.evals.tasks.workflows.refactor import RefactorTask, close, find_cycle, import_graph, reroot
 from moecoder.evals.tasks.workflows.training_loop import TrainingLoopTask, scheduled_lr
 from moecoder.evals.types import Status
 
@@ -255,3 +255,11 @@ def test_reference_answers_survive_the_documented_multi_file_format():
         files = {p: c for p, c in task.reference().items() if p.endswith(".py")}
         answer = "Here you go.\n\n" + "\n".join(f"### {p}\n```python\n{c}```\n" for p, c in files.items())
         assert extract_files(answer) == files
+
+
+def test_refactor_output_comparison_tolerates_float_reordering_only():
+    a = {"loss": 0.1 + 0.2, "n": 3, "hist": [1.0, {"x": None}]}
+    assert close(a, {"loss": 0.3, "n": 3, "hist": [1.0, {"x": None}]})
+    assert not close(a, {"loss": 0.3001, "n": 3, "hist": [1.0, {"x": None}]})
+    assert not close(a, {"loss": 0.3, "n": 3, "hist": [1.0]})
+    assert not close({"n": 3}, {"n": "3"}) and not close({"a": 1}, {"b": 1}) and not close(True, 1.0)

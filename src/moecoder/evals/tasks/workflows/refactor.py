@@ -10,6 +10,7 @@ outputs against the original, and, per module, whether a configuration update is
 from __future__ import annotations
 
 import ast
+import math
 import posixpath
 from typing import Any
 
@@ -37,6 +38,18 @@ API = {
 # learning_rate, batch_size), evaluate (threshold, n_calibration_bins).
 CHANGES = {"n_samples": 120, "noise": 0.1, "hidden_size": 5, "init_scale": 0.7, "epochs": 6,
            "learning_rate": 0.1, "batch_size": 8, "threshold": 0.65, "n_calibration_bins": 4}
+
+
+def close(a: Any, b: Any) -> bool:
+    """Equal structure and values, floats to 1e-9 relative: a refactor may reorder float arithmetic."""
+    if isinstance(a, float) or isinstance(b, float):
+        return (isinstance(a, int | float) and isinstance(b, int | float) and not isinstance(a, bool)
+                and not isinstance(b, bool) and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(close(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(close(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and a == b
 
 
 def module_file(module: str) -> str:
@@ -175,13 +188,13 @@ class RefactorTask:
                               if isinstance(v, dict) and "error" in v.get("package", {})}
 
         def same(part: dict[str, Any]) -> bool:
-            return "value" in part["package"] and part["package"]["value"] == part["original"]
+            return "value" in part["package"] and close(part["package"]["value"], part["original"])
 
         return decide([
             ("modules_import", lambda: all(m["imports"].values())),
             ("no_import_cycles", lambda: m["import_cycle"] is None),
             ("api_complete", lambda: all(set(m["api"][k]) == set(v) for k, v in API.items())),
-            ("same_outputs", lambda: outputs["package"]["value"] == outputs["original"]),
+            ("same_outputs", lambda: close(outputs["package"]["value"], outputs["original"])),
             ("config_seen_by_data", lambda: same(update["data"])),
             ("config_seen_by_model", lambda: same(update["model"])),
             ("config_seen_by_train", lambda: same(update["train"])),
