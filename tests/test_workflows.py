@@ -168,6 +168,9 @@ def _mutate(source: str, old: str, new: str) -> str:
      {"commit_after_durable", "replay_no_duplicates"}),
     # Not idempotent: the replay hits the primary key and the pipeline dies.
     (("\n    ON CONFLICT (sensor, window_start) DO NOTHING", ""), {"replay_no_duplicates"}),
+    # Late events counted instead of dropped: wrong rows, and the commit check sees non-final values.
+    (("        if self.watermark is not None and ts < self.watermark:", "        if False:"),
+     {"aggregates_correct", "commit_after_durable"}),
     # Overwriting final rows on replay replaces them with partial aggregates.
     (("DO NOTHING", "DO UPDATE SET event_count = EXCLUDED.event_count, value_sum = EXCLUDED.value_sum"),
      {"replay_no_duplicates"}),
