@@ -7,14 +7,13 @@ import json
 import os
 import shutil
 import time
-from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from moecoder.evals.sandbox import IsolationTier, Sandbox
 from moecoder.evals.tasks import functional as F
-from moecoder.evals.tasks.reference import FLOOR_S, SuiteReference
+from moecoder.evals.tasks.reference import FLOOR_S
 from moecoder.evals.types import Status
 
 DATA = Path(os.environ.get("MOECODER_SHARED_DATA", "/work/shared/data"))

@@ -34,7 +34,7 @@ def sb_process() -> Sandbox:
     return Sandbox(min_tier=IsolationTier.PROCESS, opt_in=True, report=report)
 
 
-def run_py(sandbox: Sandbox, code: str, **limits) -> "object":
+def run_py(sandbox: Sandbox, code: str, **limits) -> object:
     lim = SandboxLimits(**{"wall_s": 5, "cpu_s": 5, **limits})
     return sandbox.run([PY, "main.py"], files={"main.py": textwrap.dedent(code)}, limits=lim)
 
@@ -59,7 +59,7 @@ def test_plain_run_reports_output_and_exit_code(sb):
     assert res.tier == sb.tier.name
 
 
-def run_sh(sandbox: Sandbox, script: str, **limits) -> "object":
+def run_sh(sandbox: Sandbox, script: str, **limits) -> object:
     """PROCESS-tier samples are shell scripts: as root that tier runs them as nobody, who may not be able
     to reach the harness's Python (e.g. under a 0700 /root)."""
     lim = SandboxLimits(**{"wall_s": 5, "cpu_s": 5, **limits})

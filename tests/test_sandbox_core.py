@@ -13,7 +13,6 @@ import pytest
 from moecoder.evals.sandbox import IsolationTier, Sandbox, SandboxLimits, SandboxRefused, probe
 from moecoder.evals.sandbox._codec import CodecError, digest, dumps, loads
 
-
 # ---------------------------------------------------------------- refusal and probe
 
 def test_refuses_without_opt_in():
@@ -192,6 +191,5 @@ def test_call_session_digest_for_large_results(sb):
 
 
 def test_call_rejects_unsendable_arguments(sb):
-    with sb.call_session(CODE, "add", SandboxLimits(wall_s=20)) as s:
-        with pytest.raises(ValueError, match="cannot be sent"):
-            s.call([object(), 1])
+    with sb.call_session(CODE, "add", SandboxLimits(wall_s=20)) as s, pytest.raises(ValueError, match="cannot be sent"):
+        s.call([object(), 1])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-from _linux import PR_SET_NO_NEW_PRIVS, prctl, syscall, errno  # type: ignore[import-not-found]
+from _linux import PR_SET_NO_NEW_PRIVS, errno, prctl, syscall  # type: ignore[import-not-found]
 
 _SYS_CREATE_RULESET, _SYS_ADD_RULE, _SYS_RESTRICT_SELF = 444, 445, 446  # same on x86_64 and aarch64
 _CREATE_RULESET_VERSION = 1

@@ -25,7 +25,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _linux as L  # noqa: E402
+import _linux as L
 
 SANDBOX_ID = 1000  # uid and gid of the sample inside the user namespace
 WORK = "/sandbox"  # the sample's cwd and HOME inside the new root (a size-limited tmpfs)

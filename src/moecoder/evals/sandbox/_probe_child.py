@@ -12,7 +12,7 @@ import socket
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _linux as L  # noqa: E402
+import _linux as L
 
 
 def in_child(fn) -> tuple[bool, str]:

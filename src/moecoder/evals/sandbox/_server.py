@@ -13,7 +13,7 @@ import struct
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _codec  # noqa: E402
+import _codec
 
 
 def main() -> None:
@@ -54,7 +54,7 @@ def main() -> None:
 def _call(fn, name: str, args: list, digest_over) -> dict:
     try:
         if not callable(fn):
-            raise NameError(f"name {name!r} is not defined as a function")
+            raise NameError(f"name {name!r} is not defined as a function")  # noqa: TRY004 - as Python would
         value = fn(*args)
         _codec.to_tagged(value)  # an unsupported return type is the candidate's error
         if digest_over is not None:  # large results travel as a digest of their canonical encoding

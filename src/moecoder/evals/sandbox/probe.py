@@ -68,7 +68,7 @@ def _bwrap() -> str | None:
         return None
     try:
         ok = subprocess.run([path, "--unshare-all", "--die-with-parent", "--ro-bind", "/", "/", "true"],
-                            capture_output=True, timeout=10).returncode == 0
+                            capture_output=True, timeout=10, check=False).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         ok = False
     return path if ok else None
@@ -103,7 +103,7 @@ def probe() -> ProbeReport:
         return report
     try:
         out = subprocess.run([sys.executable, "-I", "-S", "-B", str(HERE / "_probe_child.py")],
-                             capture_output=True, timeout=30, env={"LANG": "C.UTF-8"})
+                             capture_output=True, timeout=30, env={"LANG": "C.UTF-8"}, check=False)
         child = json.loads(out.stdout)
     except (OSError, ValueError, subprocess.TimeoutExpired) as e:
         report.problems.append(f"probe helper failed: {e}")

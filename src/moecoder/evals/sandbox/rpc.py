@@ -14,7 +14,7 @@ import signal
 import struct
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 from moecoder.evals.sandbox._codec import CodecError, dumps, loads
 from moecoder.evals.sandbox.limits import SandboxLimits
@@ -46,7 +46,7 @@ class CallSession:
         self._proc = None
 
     # ------------------------------------------------------------------ lifecycle
-    def __enter__(self) -> "CallSession":
+    def __enter__(self) -> Self:
         from moecoder.evals.sandbox.runner import Launched
 
         sb = self.sandbox

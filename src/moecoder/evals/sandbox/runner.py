@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -189,7 +189,7 @@ class Sandbox:
         }
         return base, cfg
 
-    def _supervise(self, proc: "Launched", limits: SandboxLimits, stdin: bytes | None) -> RunResult:
+    def _supervise(self, proc: Launched, limits: SandboxLimits, stdin: bytes | None) -> RunResult:
         out = {"stdout": bytearray(), "stderr": bytearray()}
         truncated = False
         deadline = proc.t0 + limits.wall_s + 10.0  # backstop; the launcher enforces wall_s itself

