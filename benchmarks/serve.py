@@ -145,7 +145,7 @@ def main() -> None:
     requests = args.requests or 2 * args.clients
     # Distinct prompts: identical greedy requests would route identically and flatter batching.
     rng = random.Random(0)
-    words = "def fib n return queue items server batches requests line open data print class self".split()
+    words = ["def", "fib", "n", "return", "queue", "items", "server", "batches", "requests", "line", "open", "data", "print", "class", "self"]
     prompts = [" ".join(rng.choice(words) for _ in range(args.prompt_words)) for _ in range(requests)]
     # Mixed lengths, so requests leave (and queued ones join) at different steps.
     lengths = [rng.randint(args.max_tokens // 2, args.max_tokens * 3 // 2) for _ in range(requests)]

@@ -8,10 +8,10 @@ import time
 import httpx
 import openai
 import pytest
+from serve_fixtures import ServerThread, build_codec, build_model
 
 from moecoder.serve.api import create_app
 from moecoder.serve.engine import Engine
-from serve_fixtures import ServerThread, build_codec, build_model
 
 KEY = "sk-test-key"
 MODEL = "debug-moe"

@@ -11,9 +11,9 @@ import time
 import httpx
 import openai
 import pytest
+from serve_fixtures import build_codec, build_model, free_port
 
 from moecoder.checkpoint import save_checkpoint
-from serve_fixtures import build_codec, build_model, free_port
 
 
 @pytest.fixture(scope="module")

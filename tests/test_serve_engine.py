@@ -7,9 +7,9 @@ import time
 
 import pytest
 import torch
+from serve_fixtures import build_codec, build_model
 
 from moecoder.serve.engine import Engine, QueueFull, SamplingParams, Sequence, TextStream, kv_bytes_per_token
-from serve_fixtures import build_codec, build_model
 
 
 @pytest.fixture(scope="module")

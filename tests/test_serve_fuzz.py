@@ -12,10 +12,10 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis.generation import GenerationMode
+from serve_fixtures import ServerThread, build_codec, build_model
 
 from moecoder.serve.api import create_app
 from moecoder.serve.engine import Engine
-from serve_fixtures import ServerThread, build_codec, build_model
 
 KEY = "fuzz-key"
 

@@ -13,10 +13,10 @@ import time
 import httpx
 import openai
 import pytest
+from serve_fixtures import ServerThread, build_codec, build_model
 
 from moecoder.serve.api import create_app
 from moecoder.serve.engine import Engine
-from serve_fixtures import ServerThread, build_codec, build_model
 
 CLIENTS = 64
 MODEL = "debug-moe"

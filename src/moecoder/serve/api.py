@@ -13,7 +13,8 @@ import hmac
 import json
 import time
 import uuid
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -211,7 +212,7 @@ def create_app(engine: Engine, codec: ChatCodec, model_name: str, *, api_key: st
             while len(done) < len(seqs):
                 try:
                     ev = await asyncio.wait_for(queue.get(), timeout=1.0)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     if await request.is_disconnected():
                         return Response(status_code=499)
                     continue

@@ -18,12 +18,15 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence as Seq
+from typing import Protocol
 
 import torch
 
-from ..generate import SamplingParams as Sampling, StopMatcher, sample
+from ..generate import SamplingParams as Sampling
+from ..generate import StopMatcher, sample
 from ..model import KVCache, Transformer
 
 log = logging.getLogger(__name__)
@@ -184,7 +187,7 @@ class Engine:
         self.steps = 0
 
     # --- public, any thread ---
-    def start(self) -> "Engine":
+    def start(self) -> Engine:
         self._thread = threading.Thread(target=self._loop, name="moecoder-engine", daemon=True)
         self._thread.start()
         return self
@@ -252,7 +255,7 @@ class Engine:
                             self._prefill(admit)
                         if self.running:
                             self._decode_step()
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:
                     # One failed step must not take the server down: end this step's sequences, keep serving.
                     log.exception("engine step failed; ending the sequences of this step")
                     self.error, self.failed_steps = e, self.failed_steps + 1
@@ -378,5 +381,5 @@ class Engine:
     def _emit(s: Sequence, ev: Event) -> None:
         try:
             s.sink(ev)
-        except Exception:  # noqa: BLE001 - a client's closed event loop must not stop the engine
-            pass
+        except Exception:  # a client's closed event loop must not stop the engine
+            log.debug("dropping an event for a closed client", exc_info=True)

@@ -9,8 +9,7 @@ from pathlib import Path
 import typer
 
 
-
-def UserError(message: str) -> Exception:  # noqa: N802 - reads like the exception it builds
+def UserError(message: str) -> Exception:
     """moecoder.cli.UserError, imported late: cli.py imports this module to register it."""
     from ..cli import UserError as _UserError
 
@@ -108,7 +107,7 @@ def cost_cmd(
     if prompt_tokens + max_tokens > limit:
         raise UserError(f"--prompt-tokens + --max-tokens = {prompt_tokens + max_tokens} exceeds the model's "
                         f"max_seq_len {limit}")
-    engine, tok, ckpt = load_engine(model, dtype=dtype, device=device, threads=threads, max_batch=max_batch,
+    engine, _tok, ckpt = load_engine(model, dtype=dtype, device=device, threads=threads, max_batch=max_batch,
                                     max_context=prompt_tokens + max_tokens, max_queue=max_batch)
     tps, n_req = measure_throughput(engine, ckpt.config.vocab_size, prompt_tokens, max_tokens, duration)
     usd_per_m = usd_per_hour / 3600 / tps * 1e6
