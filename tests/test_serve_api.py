@@ -117,6 +117,10 @@ def test_api_key_required(server):
     assert set(err) >= {"message", "type", "param", "code"} and err["code"] == "invalid_api_key"
     r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "x"})
     assert r.status_code == 401
+    # the key is checked before the body is even parsed
+    r = httpx.post(server.url + "/v1/completions", content=b"{not json", headers={"Authorization": "Bearer x"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(server.url + "/health").status_code == 200  # health and metrics stay open
 
 
 def _post(server, path, content, **kw):

@@ -26,6 +26,7 @@ from .metrics import ServeMetrics
 from .schemas import ChatCompletionRequest, CompletionRequest
 
 MAX_CHOICES = 16  # prompts x n in one request
+_INTERRUPTED = {"error": "generation failed on the server (see its log); retry", "cancelled": "the server is stopping"}
 
 
 class ChatCodec(Protocol):
@@ -66,11 +67,13 @@ _ERRORS = {code: {"description": why, **_ERROR_SCHEMA} for code, why in [
 ]}
 
 
-class _CountStatus:
-    """ASGI middleware counting /v1 responses by status code (works for streaming responses too)."""
+class _Gate:
+    """ASGI middleware for /v1: checks the API key before anything else (even before the body is
+    parsed) and counts responses by status code (streaming ones included)."""
 
-    def __init__(self, app, metrics: ServeMetrics):
+    def __init__(self, app, metrics: ServeMetrics, api_key: str | None):
         self.app, self.metrics = app, metrics
+        self.api_key = None if api_key is None else api_key.encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
@@ -81,7 +84,16 @@ class _CountStatus:
                 self.metrics.requests.labels(status=str(message["status"])).inc()
             await send(message)
 
+        if self.api_key is not None and not self._authorized(scope):
+            response = _error_response(401, "missing or incorrect API key; send 'Authorization: Bearer <key>'",
+                                       "invalid_request_error", None, "invalid_api_key")
+            return await response(scope, receive, counting_send)
         await self.app(scope, receive, counting_send)
+
+    def _authorized(self, scope) -> bool:
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
 
 
 class _SSE(StreamingResponse):
@@ -115,7 +127,7 @@ def create_app(engine: Engine, codec: ChatCodec, model_name: str, *, api_key: st
         engine.shutdown()
 
     app = FastAPI(title="moecoder", version="0.1.0", lifespan=lifespan)
-    app.add_middleware(_CountStatus, metrics=metrics)
+    app.add_middleware(_Gate, metrics=metrics, api_key=api_key)
 
     # --- errors ---
     @app.exception_handler(APIError)
@@ -142,15 +154,6 @@ def create_app(engine: Engine, codec: ChatCodec, model_name: str, *, api_key: st
         return _error_response(500, f"internal error: {type(e).__name__}", "server_error", None, None)
 
     # --- helpers ---
-    def check_auth(request: Request) -> None:
-        if api_key is None:
-            return
-        got = request.headers.get("authorization", "")
-        scheme, _, token = got.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise APIError(401, "missing or incorrect API key; send 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
-
     def check_model(name: str) -> None:
         if name != model_name:
             raise APIError(404, f"model {name!r} does not exist; this server serves {model_name!r}",
@@ -221,8 +224,9 @@ def create_app(engine: Engine, codec: ChatCodec, model_name: str, *, api_key: st
                     done[ev.index] = ev
         finally:
             engine.cancel(seqs)
-        if any(ev.finish_reason in ("error", "cancelled") for ev in done.values()):
-            raise APIError(503, "generation was interrupted (engine stopped)", type_="server_error")
+        failed = [ev.finish_reason for ev in done.values() if ev.finish_reason in ("error", "cancelled")]
+        if failed:
+            raise APIError(503, _INTERRUPTED[failed[0]], type_="server_error")
         completion = sum(ev.completion_tokens for ev in done.values())
         choices = [render_final(i, texts[i], done[i].finish_reason) for i in range(len(seqs))]
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": now,
@@ -245,7 +249,7 @@ def create_app(engine: Engine, codec: ChatCodec, model_name: str, *, api_key: st
         while finished < len(seqs):
             ev = await queue.get()
             if ev.finish_reason in ("error", "cancelled"):
-                err = {"error": {"message": "generation was interrupted (engine stopped)", "type": "server_error",
+                err = {"error": {"message": _INTERRUPTED[ev.finish_reason], "type": "server_error",
                                  "param": None, "code": None}}
                 yield f"data: {json.dumps(err)}\n\n"
                 return
@@ -270,14 +274,12 @@ def create_app(engine: Engine, codec: ChatCodec, model_name: str, *, api_key: st
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models", responses=_ERRORS)
-    async def models(request: Request):
-        check_auth(request)
+    async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "moecoder", "max_model_len": engine.max_context}]}
 
     @app.post("/v1/completions", responses=_ERRORS)
     async def completions(req: CompletionRequest, request: Request):
-        check_auth(request)
         check_model(req.model)
         prompts = [check_tokens(codec.encode(p), "prompt") for p in req.prompts()]
 
@@ -288,7 +290,6 @@ def create_app(engine: Engine, codec: ChatCodec, model_name: str, *, api_key: st
 
     @app.post("/v1/chat/completions", responses=_ERRORS)
     async def chat_completions(req: ChatCompletionRequest, request: Request):
-        check_auth(request)
         check_model(req.model)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
