@@ -49,6 +49,36 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
+class AttentionStep:
+    """Where one forward's T new tokens sit, worked out once per forward and shared by every layer.
+
+    pos_BT: the tokens' positions (row b's are pos[b]..pos[b]+T-1); cos/sin: their rotary tables.
+    `kv_len` is how many key positions attention sees (the used prefix of the cache after this
+    step's write, or T without a cache); `start` is the common write position when every row
+    writes the same slice, else None (rows at different positions: one scatter per layer).
+    """
+
+    def __init__(self, pos_BT: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None):
+        self.pos_BT, self.cos, self.sin = pos_BT, cos, sin
+        B, T = pos_BT.shape
+        self._masks: dict[int | None, torch.Tensor] = {}
+        if cache is None:
+            self.kv_len, self.start = T, 0
+            return
+        first = pos_BT[:, 0].tolist()  # the step's one host read of positions
+        self.kv_len = max(first) + T
+        if self.kv_len > cache.max_len:
+            raise ValueError(f"KV cache of {cache.max_len} positions is full (needs {self.kv_len})")
+        self.start = first[0] if all(p == first[0] for p in first) else None
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        """Boolean [B, T, kv_len] mask (see `_mask`), built once per window size per forward."""
+        if window not in self._masks:
+            key_pos = torch.arange(self.kv_len, device=self.pos_BT.device)
+            self._masks[window] = _mask(self.pos_BT, key_pos, window)
+        return self._masks[window]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -66,7 +96,7 @@ class Attention(nn.Module):
         elif cfg.qk_norm == "full":
             self.q_norm, self.k_norm = RMSNorm(q_out, cfg.norm_eps), RMSNorm(kv_out, cfg.norm_eps)
 
-    def forward(self, x_BTC, cos, sin, pos_BT, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x_BTC, step: AttentionStep, cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x_BTC.shape
         q, k, v = self.q_proj(x_BTC), self.k_proj(x_BTC), self.v_proj(x_BTC)
         if self.qk_norm == "full":
@@ -76,20 +106,22 @@ class Attention(nn.Module):
         v_BKTD = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if self.qk_norm == "head":
             q_BHTD, k_BKTD = self.q_norm(q_BHTD), self.k_norm(k_BKTD)
-        q_BHTD, k_BKTD = apply_rope(q_BHTD, cos, sin), apply_rope(k_BKTD, cos, sin)
+        q_BHTD, k_BKTD = apply_rope(q_BHTD, step.cos, step.sin), apply_rope(k_BKTD, step.cos, step.sin)
 
+        keys, vals, mask = k_BKTD, v_BKTD, None
         if cache is None:
-            keys, vals = k_BKTD, v_BKTD
-            if self.window is None:
-                mask = None
-            else:
-                mask = _mask(pos_BT, pos_BT, self.window)
+            if self.window is not None:
+                mask = step.mask(self.window)
         else:
-            keys, vals, key_pos = _cache_write(cache, self.layer, k_BKTD, v_BKTD, pos_BT)
-            if self.window is None and T > 1 and keys.shape[2] == T:
-                keys, vals, mask = k_BKTD, v_BKTD, None  # fresh prefill: plain causal attention
+            keys, vals = _cache_write(cache, self.layer, k_BKTD, v_BKTD, step)
+            if self.window is None and T > 1 and step.kv_len == T:
+                keys, vals = k_BKTD, v_BKTD  # fresh prefill: plain causal attention
+            elif T == 1 and step.start is not None:
+                # Every row's query is its newest key: it sees the last `window` keys, no mask needed.
+                lo = 0 if self.window is None else max(0, step.kv_len - self.window)
+                keys, vals = keys[:, :, lo:], vals[:, :, lo:]
             else:
-                mask = _mask(pos_BT, key_pos, self.window)
+                mask = step.mask(self.window)
         # enable_gqa lets SDPA broadcast the K kv heads over the H query heads without copying the cache.
         gqa = self.n_heads != self.n_kv
         if mask is None:
@@ -99,23 +131,18 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
-def _cache_write(cache: KVCache, layer: int, k_BKTD, v_BKTD, pos_BT):
+def _cache_write(cache: KVCache, layer: int, k_BKTD, v_BKTD, step: AttentionStep):
     """Store new keys/values at each row's positions; return the used prefix of the cache."""
     B, _, T, _ = k_BKTD.shape
-    used = int(pos_BT.max()) + 1
-    if used > cache.max_len:
-        raise ValueError(f"KV cache of {cache.max_len} positions is full (needs {used})")
     kc, vc = cache.k[layer], cache.v[layer]
-    if B == 1 or bool((pos_BT[:, :1] == pos_BT[0, 0]).all()):
-        start = int(pos_BT[0, 0])  # all rows write the same slice: plain copy, no scatter
-        kc[:B, :, start : start + T] = k_BKTD
-        vc[:B, :, start : start + T] = v_BKTD
+    if step.start is not None:  # all rows write the same slice: plain copy, no scatter
+        kc[:B, :, step.start : step.start + T] = k_BKTD
+        vc[:B, :, step.start : step.start + T] = v_BKTD
     else:
-        rows = torch.arange(B, device=pos_BT.device)[:, None]
-        kc[rows, :, pos_BT] = k_BKTD.transpose(1, 2)
-        vc[rows, :, pos_BT] = v_BKTD.transpose(1, 2)
-    key_pos = torch.arange(used, device=pos_BT.device)
-    return kc[:B, :, :used], vc[:B, :, :used], key_pos
+        rows = torch.arange(B, device=k_BKTD.device)[:, None]
+        kc[rows, :, step.pos_BT] = k_BKTD.transpose(1, 2)
+        vc[rows, :, step.pos_BT] = v_BKTD.transpose(1, 2)
+    return kc[:B, :, : step.kv_len], vc[:B, :, : step.kv_len]
 
 
 def _mask(q_pos_BT: torch.Tensor, k_pos, window: int | None) -> torch.Tensor:

@@ -10,7 +10,7 @@ on CUDA); `reference_forward` keeps the obviously-correct per-expert loop beside
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -32,13 +32,35 @@ class FeedForward(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-@dataclass
 class RouterStats:
-    """Per-layer routing statistics returned by forward for training and logging."""
+    """Per-layer routing statistics returned by forward for training and logging.
 
-    tokens_per_expert: torch.Tensor  # [E] long, counts of (token, expert) assignments
-    lb_loss: torch.Tensor  # scalar: E * sum_e f_e * P_e (Switch/GShard load-balancing loss)
-    z_loss: torch.Tensor  # scalar: mean(logsumexp(logits)^2) (ST-MoE router z-loss)
+    Each is computed from the router's outputs on first access: decoding never reads them,
+    so a decode step does not pay the dozen small ops per layer they cost.
+    """
+
+    def __init__(self, logits_NE: torch.Tensor, scores_NE: torch.Tensor, ids_NK: torch.Tensor, n_experts: int):
+        self._logits_NE, self._scores_NE, self._ids_NK, self._n_experts = logits_NE, scores_NE, ids_NK, n_experts
+
+    @cached_property
+    def tokens_per_expert(self) -> torch.Tensor:
+        """[E] long, counts of (token, expert) assignments."""
+        return torch.bincount(self._ids_NK.flatten(), minlength=self._n_experts)
+
+    @cached_property
+    def lb_loss(self) -> torch.Tensor:
+        """Scalar: E * sum_e f_e * P_e (Switch/GShard load-balancing loss)."""
+        n, k = self._ids_NK.shape
+        scores_NE = self._scores_NE
+        frac_E = self.tokens_per_expert.float() / max(n * k, 1)
+        probs_E = (scores_NE / scores_NE.sum(-1, keepdim=True)).mean(0) if n else scores_NE.sum(0)
+        return self._n_experts * (frac_E * probs_E).sum()
+
+    @cached_property
+    def z_loss(self) -> torch.Tensor:
+        """Scalar: mean(logsumexp(logits)^2) (ST-MoE router z-loss)."""
+        logits_NE = self._logits_NE
+        return torch.logsumexp(logits_NE, dim=-1).pow(2).mean() if logits_NE.shape[0] else logits_NE.sum()
 
 
 class Router(nn.Module):
@@ -112,20 +134,11 @@ class MoE(nn.Module):
             out = torch.sigmoid(self.shared_gate(x_NC)) * out
         return out
 
-    def _stats(self, logits_NE, scores_NE, ids_NK) -> RouterStats:
-        counts_E = torch.bincount(ids_NK.flatten(), minlength=self.n_experts)
-        n = ids_NK.shape[0]
-        frac_E = counts_E.float() / max(n * self.top_k, 1)
-        probs_E = (scores_NE / scores_NE.sum(-1, keepdim=True)).mean(0) if n else scores_NE.sum(0)
-        lb = self.n_experts * (frac_E * probs_E).sum()
-        z = torch.logsumexp(logits_NE, dim=-1).pow(2).mean() if n else logits_NE.sum()
-        return RouterStats(counts_E, lb, z)
-
     def forward(self, x_BTC: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
         shape = x_BTC.shape
         x_NC = x_BTC.reshape(-1, shape[-1])
         logits_NE, scores_NE, weights_NK, ids_NK = self.router(x_NC)
-        stats = self._stats(logits_NE, scores_NE, ids_NK)
+        stats = RouterStats(logits_NE, scores_NE, ids_NK, self.n_experts)
         if x_NC.shape[0] * self.top_k <= self.top_k * 4:
             out_NC = self._decode_path(x_NC, weights_NK, ids_NK)
         else:
@@ -150,16 +163,20 @@ class MoE(nn.Module):
 
     def _decode_path(self, x_NC, weights_NK, ids_NK) -> torch.Tensor:
         """Few tokens (decode): loop over each token's experts on weight views, no sort or copies."""
-        out = torch.zeros_like(x_NC)
-        ids, ws = ids_NK.tolist(), weights_NK.to(x_NC.dtype)
+        # One host read of the ids and weights (Python floats hold the x-dtype weights exactly).
+        ids, ws = ids_NK.tolist(), weights_NK.to(x_NC.dtype).tolist()
+        rows = []
         for n in range(x_NC.shape[0]):
             x = x_NC[n : n + 1]
             acc = None
-            for j, e in enumerate(ids[n]):
-                y = self.experts.expert(e, x) * ws[n, j]
+            for e, w in zip(ids[n], ws[n]):
+                y = self.experts.expert(e, x) * w
                 acc = y if acc is None else acc + y
-            out[n : n + 1] = acc
-        return out
+            rows.append(acc)
+        if not rows:
+            return torch.zeros_like(x_NC)
+        # Under autocast the experts return bf16/fp16 while x stays fp32: return x's dtype.
+        return (rows[0] if len(rows) == 1 else torch.cat(rows)).to(x_NC.dtype)
 
     @torch.no_grad()
     def reference_forward(self, x_BTC: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import Attention, KVCache, RMSNorm
+from .attention import Attention, AttentionStep, KVCache, RMSNorm
 from .moe import FeedForward, MoE, RouterStats
 from .rope import rope_cos_sin, rope_frequencies
 
@@ -39,8 +39,8 @@ class Block(nn.Module):
         self.is_moe = cfg.is_moe_layer(layer)
         self.ffn = MoE(cfg) if self.is_moe else FeedForward(cfg.dim, cfg.ffn_dim)
 
-    def forward(self, x, cos, sin, pos_BT, cache):
-        x = x + self.attn(self.input_norm(x), cos, sin, pos_BT, cache)
+    def forward(self, x, step: AttentionStep, cache: KVCache | None):
+        x = x + self.attn(self.input_norm(x), step, cache)
         h = self.post_attn_norm(x)
         if self.is_moe:
             y, stats = self.ffn(h)
@@ -81,9 +81,11 @@ class Transformer(nn.Module):
         pos_BT = steps.expand(B, T) if cache is None else cache.pos[:B, None] + steps
         cos, sin = rope_cos_sin(self.inv_freq, self.rope_scale, pos_BT)
         x = self.embed(tokens_BT)
+        # Cast the rotary tables once here, not in every layer (apply_rope casts to q's dtype anyway).
+        step = AttentionStep(pos_BT, cos.to(x.dtype), sin.to(x.dtype), cache)
         stats = []
         for layer in self.layers:
-            x, s = layer(x, cos, sin, pos_BT, cache)
+            x, s = layer(x, step, cache)
             if s is not None:
                 stats.append(s)
         if cache is not None:
