@@ -99,8 +99,7 @@ CHEATS = {
                       "        frame.f_lineno = frame.f_code.co_firstlineno + 100\n    return tr\n"
                       "sys.settrace(tr)\nsys._getframe().f_back and sys._getframe().f_back.f_trace\nreturn None"),
     "read_the_benchmark_data": (
-        "import gzip, json, glob, sys\nfor p in glob.glob(sys.prefix + '/lib/**/HumanEval*.jsonl.gz', recursive=True)"
-        " + ['/work/shared/data/HumanEvalPlus.jsonl.gz']:\n"
+        f"import gzip, json\nfor p in [{str(F.humaneval_data_path())!r}, {str(DATA / 'HumanEvalPlus.jsonl.gz')!r}]:\n"
         "    try:\n        for line in gzip.open(p, 'rt'):\n            r = json.loads(line)\n"
         "            if r['task_id'] == 'HumanEval/23':\n                exec(r['prompt'] + r['canonical_solution'])\n"
         "                return len(string)\n    except OSError:\n        pass\nreturn -1"),

@@ -193,3 +193,12 @@ def test_call_session_digest_for_large_results(sb):
 def test_call_rejects_unsendable_arguments(sb):
     with sb.call_session(CODE, "add", SandboxLimits(wall_s=20)) as s, pytest.raises(ValueError, match="cannot be sent"):
         s.call([object(), 1])
+
+
+def test_call_server_runs_without_capabilities_or_launcher_fds(sb):
+    code = ("import os\ndef probe():\n    caps = [l.split() for l in open('/proc/self/status') if l.startswith('Cap')]\n"
+            "    return {k: int(v, 16) for k, v in caps}, os.getuid(), sorted(os.environ)\n")
+    with sb.call_session(code, "probe", SandboxLimits(wall_s=20)) as s:
+        caps, uid, env = s.call([]).value
+    assert set(caps.values()) == {0} and uid != 0
+    assert "OPENAI_API_KEY" not in env and "HOME" in env

@@ -46,8 +46,10 @@ PR_SET_CHILD_SUBREAPER = 36
 PR_GET_SECCOMP = 21
 PR_SET_SECCOMP = 22
 
-# pivot_root has no libc wrapper; numbers differ per architecture.
+# pivot_root and capset have no libc wrapper; numbers differ per architecture.
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
+_SYS_CAPSET = {"x86_64": 126, "aarch64": 91}
+_CAP_VERSION_3 = 0x20080522
 
 
 def _check(ret: int, what: str) -> int:
@@ -94,6 +96,18 @@ def drop_bounding_set() -> None:
     for cap in range(64):
         if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 and ctypes.get_errno() == 22:  # EINVAL: past the last cap
             break
+
+
+def clear_capabilities() -> None:
+    """Empty the effective, permitted and inheritable sets (execve would do it for a non-root uid; code
+    that keeps running in this process needs it done explicitly)."""
+    nr = _SYS_CAPSET.get(MACHINE)
+    if nr is None:
+        raise OSError(38, f"capset: unsupported architecture {MACHINE}")
+    header = (ctypes.c_uint32 * 2)(_CAP_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()  # two zeroed __user_cap_data_struct
+    _check(_libc.syscall(nr, header, data), "capset")
+    _libc.prctl(47, 4, 0, 0, 0)  # PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL
 
 
 def locked_mount_flags(path: str) -> int:

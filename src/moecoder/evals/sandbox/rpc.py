@@ -51,7 +51,7 @@ class CallSession:
 
         sb = self.sandbox
         argv = [sb.python, "-I", "-B", sb.helper_path("_server.py")]
-        self._base, cfg = sb._prepare(argv, None, self.limits, None)
+        self._base, cfg = sb._prepare(argv, None, self.limits, None, serve=True)
         try:
             self._proc = Launched(sb, cfg, self.limits, stdin=True, stderr=False)
             self._proc.pump_status(lambda: self._proc.init_pid is not None or self._proc.setup_errors, 30.0)

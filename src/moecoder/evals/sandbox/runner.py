@@ -145,7 +145,7 @@ class Sandbox:
             shutil.rmtree(base, ignore_errors=True)
 
     def _prepare(self, argv: list[str], files: dict[str, str | bytes] | None, limits: SandboxLimits,
-                 env: dict[str, str] | None) -> tuple[str, dict[str, Any]]:
+                 env: dict[str, str] | None, serve: bool = False) -> tuple[str, dict[str, Any]]:
         """Make the private work dir (host side) and the launcher config."""
         if not argv:
             raise ValueError("sandbox argv is empty")
@@ -186,6 +186,7 @@ class Sandbox:
             "symlinks": self.symlinks,
             "hide": self.hide,
             "drop_to": drop_to,
+            "serve": serve,  # run _server.py's loop in the contained process itself (call sessions)
         }
         return base, cfg
 
