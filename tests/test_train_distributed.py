@@ -80,4 +80,4 @@ def test_two_gloo_ranks_match_one_process(single_run, tmp_path, parallel):
     weights = _weights(out)
     assert weights.keys() == ref_weights.keys()
     for name, w in weights.items():
-        torch.testing.assert_close(w, ref_weights[name], rtol=1e-4, atol=1e-6, msg=f"{parallel}: {name} differs from the single process")
+        torch.testing.assert_close(w, ref_weights[name], rtol=1e-4, atol=1e-6, msg=f"{parallel}: {name} differs")

@@ -138,7 +138,10 @@ def test_resume_refuses_a_different_model_config(tmp_path):
     with pytest.raises(TrainConfigError, match="different model config"):
         train(cfg, tiny_cfg(n_layers=3), tmp_path / "run", loader_factory=factory(tmp_path / "data"),
               stream=io.StringIO())
-    # --no-resume starts over in the same folder.
-    res = train(cfg, tiny_cfg(n_layers=3), tmp_path / "run", loader_factory=factory(tmp_path / "data"),
+    # --no-resume refuses to mix a fresh run with old checkpoints; in a clean folder it starts over.
+    with pytest.raises(TrainConfigError, match="already holds checkpoints"):
+        train(cfg, tiny_cfg(n_layers=3), tmp_path / "run", loader_factory=factory(tmp_path / "data"),
+              resume=False, stream=io.StringIO())
+    res = train(cfg, tiny_cfg(n_layers=3), tmp_path / "run2", loader_factory=factory(tmp_path / "data"),
                 resume=False, stream=io.StringIO())
     assert res["step"] == 2

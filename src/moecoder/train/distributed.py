@@ -50,7 +50,10 @@ def init_distributed(device: str | None = None) -> DistInfo:
     else:
         dev = torch.device(kind)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+        if dev.type == "cuda":
+            dist.init_process_group(backend="nccl", device_id=dev)
+        else:
+            dist.init_process_group(backend="gloo")
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 

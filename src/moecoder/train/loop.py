@@ -109,13 +109,16 @@ class TrainConfig:
             raise TrainConfigError(f"unknown training options: {', '.join(unknown)}")
         out = {}
         for k, v in d.items():
-            kind = type(defaults[k]) if defaults[k] is not None else (int if k in ("micro_batch", "stop_after") else str)
+            kind = type(defaults[k]) if defaults[k] is not None else (int if k in _OPTIONAL_INTS else str)
             try:
                 # YAML reads 3e-4 as a string; ints are fine where floats are expected.
                 out[k] = v if v is None else (kind(v) if kind is not int else _as_int(v))
             except (TypeError, ValueError):
                 raise TrainConfigError(f"training option {k}={v!r} is not a valid {kind.__name__}") from None
         return cls(**out)
+
+
+_OPTIONAL_INTS = ("micro_batch", "stop_after")
 
 
 def _as_int(v) -> int:
@@ -318,7 +321,7 @@ def _save(out_dir, step, *, model, optimizer, scaler, loader, model_cfg, cfg, in
     if info.is_main:
         if info.parallel_sharded:
             plain = Transformer(model_cfg)
-            plain.load_state_dict(model_state, strict=False)
+            plain.load_state_dict(model_state)
         else:
             plain = D.unwrap(model)
         train_state = {
@@ -384,6 +387,10 @@ def train(
         if info.is_main:
             print(msg, file=stream or __import__("sys").stderr, flush=True)
 
+    if not resume and S.list_checkpoints(out_dir):
+        # Old checkpoints with higher step numbers would outlive (and prune) the new run's.
+        raise TrainConfigError(f"--no-resume: {S.checkpoint_root(out_dir)} already holds checkpoints; "
+                               f"delete them or use another --out")
     ckpt = _find_resume_checkpoint(out_dir, info, log) if resume else None
     state = None
     if ckpt is not None:

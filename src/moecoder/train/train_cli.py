@@ -78,7 +78,7 @@ def train_cmd(
     min_lr: float | None = typer.Option(None, help="Final learning rate."),
     warmup: int | None = typer.Option(None, help="Linear warmup steps."),
     schedule: str | None = typer.Option(None, help="cosine | wsd."),
-    weight_decay: float | None = typer.Option(None, help="AdamW decoupled weight decay (not on norms, biases, embeddings)."),
+    weight_decay: float | None = typer.Option(None, help="AdamW weight decay (not on norms, biases, embeddings)."),
     clip: float | None = typer.Option(None, help="Max global grad norm (0: off)."),
     precision: str | None = typer.Option(None, help="fp32 | bf16 (autocast) | fp16 (CUDA, GradScaler)."),
     lb_coef: float | None = typer.Option(None, help="Load-balancing loss coefficient."),
@@ -88,10 +88,11 @@ def train_cmd(
     save_every: int | None = typer.Option(None, help="Checkpoint every N steps (always at the end)."),
     keep: int | None = typer.Option(None, help="Checkpoints kept (0: none written)."),
     seed: int | None = typer.Option(None, help="Seed of the init and the data order."),
-    stop_after: int | None = typer.Option(None, help="Stop (with a checkpoint) after this step; the LR schedule still spans --steps."),
+    stop_after: int | None = typer.Option(None, help="Stop, saved, after this step (schedule spans --steps)."),
+    log_every: int | None = typer.Option(None, help="Progress line every N steps."),
     parallel: str | None = typer.Option(None, help="ddp | fsdp (FSDP2), under torchrun."),
     device: str | None = typer.Option(None, help="cpu | cuda (default: cuda when available)."),
-    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the newest good checkpoint in --out."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the newest good checkpoint."),
     tokenizer: Path | None = typer.Option(None, "--tokenizer", help="Tokenizer folder copied into each checkpoint."),
 ) -> None:
     """Train a model on a tokenised data folder; resumable, DDP/FSDP2 under torchrun."""
@@ -101,11 +102,14 @@ def train_cmd(
     from .loop import TrainConfig, TrainConfigError, token_windows_factory, train
 
     model_cfg, from_yaml = _load_config(config)
-    given = {k: v for k, v in dict(
-        steps=steps, batch_size=batch_size, micro_batch=micro_batch, seq_len=seq_len, lr=lr, min_lr=min_lr,
-        warmup=warmup, schedule=schedule, weight_decay=weight_decay, clip=clip, precision=precision,
-        lb_coef=lb_coef, z_coef=z_coef, bias_update_rate=bias_update_rate, eval_every=eval_every,
-        save_every=save_every, keep=keep, seed=seed, stop_after=stop_after, parallel=parallel, device=device).items() if v is not None}
+    options = {
+        "steps": steps, "batch_size": batch_size, "micro_batch": micro_batch, "seq_len": seq_len, "lr": lr,
+        "min_lr": min_lr, "warmup": warmup, "schedule": schedule, "weight_decay": weight_decay, "clip": clip,
+        "precision": precision, "lb_coef": lb_coef, "z_coef": z_coef, "bias_update_rate": bias_update_rate,
+        "eval_every": eval_every, "save_every": save_every, "keep": keep, "seed": seed, "stop_after": stop_after,
+        "log_every": log_every, "parallel": parallel, "device": device,
+    }
+    given = {k: v for k, v in options.items() if v is not None}
     try:
         cfg = TrainConfig.from_dict({**from_yaml, **given})
         if cfg.seq_len > model_cfg.max_seq_len:
