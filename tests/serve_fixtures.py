@@ -3,6 +3,7 @@ and a uvicorn server on a free loopback port in a background thread."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -13,9 +14,6 @@ from moecoder.config import get_preset
 from moecoder.model import Transformer
 from moecoder.tokenizer import Tokenizer, train_byte_bpe
 
-# Many engineers share two cores here: torch's thread pool spinning against other processes makes a
-# 3 ms decode step take 150 ms, so the test processes (and the servers they start) use one thread.
-torch.set_num_threads(1)
 
 CORPUS = [
     "def add(a, b):\n    return a + b\n",
@@ -43,6 +41,18 @@ def build_model(codec: Tokenizer, seed: int = 0, **cfg_overrides) -> Transformer
         for t in codec.eos_token_ids:
             model.lm_head.weight[t] = 0
     return model.eval()
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Run with one torch thread, then restore. On a CPU shared with other processes, torch's
+    thread pool spinning against them turns a 3 ms decode step into 150 ms."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def free_port() -> int:

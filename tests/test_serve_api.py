@@ -8,7 +8,7 @@ import time
 import httpx
 import openai
 import pytest
-from serve_fixtures import ServerThread, build_codec, build_model
+from serve_fixtures import ServerThread, build_codec, build_model, one_torch_thread
 
 from moecoder.serve.api import create_app
 from moecoder.serve.engine import Engine
@@ -16,6 +16,12 @@ from moecoder.serve.engine import Engine
 KEY = "sk-test-key"
 MODEL = "debug-moe"
 CONTEXT = 128
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,15 @@ import time
 
 import pytest
 import torch
-from serve_fixtures import build_codec, build_model
+from serve_fixtures import build_codec, build_model, one_torch_thread
 
-from moecoder.serve.engine import Engine, QueueFull, SamplingParams, Sequence, TextStream, kv_bytes_per_token
+from moecoder.serve.engine import Engine, QueueFull, RequestParams, Sequence, TextStream, kv_bytes_per_token
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +65,7 @@ def wait_until(cond, timeout=10.0):
 
 
 def make_seq(prompt, max_tokens, **kw):
-    return Sequence(prompt, SamplingParams(max_tokens=max_tokens, **{"temperature": 0.0, **kw}), Collector())
+    return Sequence(prompt, RequestParams(max_tokens=max_tokens, **{"temperature": 0.0, **kw}), Collector())
 
 
 PROMPTS = ["def add(a, b):", "x", "for i in range(10):\n    print(i)", "class Stack:\n    def push", "import os"]
@@ -208,7 +214,7 @@ def test_failed_step_ends_its_sequences_and_engine_keeps_serving(model, codec, m
         monkeypatch.setattr(model, "forward", flaky)
         bad = make_seq(codec.encode("x"), 5)
         run_all(engine, [bad])
-        assert bad.finish_reason is None and bad.sink.events[-1].finish_reason == "error"
+        assert bad.finish_reason == "error" and bad.sink.events[-1].finish_reason == "error"
         assert engine.alive and engine.failed_steps == 1
         good = make_seq(codec.encode("x"), 5)
         run_all(engine, [good])

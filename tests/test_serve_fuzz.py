@@ -12,12 +12,18 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis.generation import GenerationMode
-from serve_fixtures import ServerThread, build_codec, build_model
+from serve_fixtures import ServerThread, build_codec, build_model, one_torch_thread
 
 from moecoder.serve.api import create_app
 from moecoder.serve.engine import Engine
 
 KEY = "fuzz-key"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

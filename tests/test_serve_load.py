@@ -13,7 +13,7 @@ import time
 import httpx
 import openai
 import pytest
-from serve_fixtures import ServerThread, build_codec, build_model
+from serve_fixtures import ServerThread, build_codec, build_model, one_torch_thread
 
 from moecoder.serve.api import create_app
 from moecoder.serve.engine import Engine
@@ -28,6 +28,12 @@ def metric(text: str, name: str) -> float:
     vals = [float(line.split()[-1]) for line in text.splitlines() if line.split(" ")[0] == name]
     assert vals, f"{name} not in /metrics"
     return vals[0]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

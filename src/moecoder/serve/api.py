@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import Engine, EngineStopped, Event, QueueFull, SamplingParams, Sequence
+from .engine import Engine, EngineStopped, Event, QueueFull, RequestParams, Sequence
 from .metrics import ServeMetrics
 from .schemas import ChatCompletionRequest, CompletionRequest
 
@@ -170,7 +170,7 @@ def create_app(engine: Engine, codec: ChatCodec, model_name: str, *, api_key: st
                            code="context_length_exceeded")
         return ids
 
-    def make_params(req, prompt_len: int, max_tokens: int | None) -> SamplingParams:
+    def make_params(req, prompt_len: int, max_tokens: int | None) -> RequestParams:
         room = engine.max_context - prompt_len
         if max_tokens is None:
             max_tokens = room
@@ -178,7 +178,7 @@ def create_app(engine: Engine, codec: ChatCodec, model_name: str, *, api_key: st
             raise APIError(400, f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds this server's "
                                 f"context limit of {engine.max_context} tokens", param="max_tokens",
                            code="context_length_exceeded")
-        return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+        return RequestParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                               seed=req.seed, stop=req.stop_list())
 
     async def run(request: Request, req, prompts_ids: list[list[int]], max_tokens: int | None,

@@ -14,6 +14,7 @@ stop strings), so HTTP handlers receive ready-to-send text deltas through a call
 from __future__ import annotations
 
 import collections
+import copy
 import logging
 import secrets
 import threading
@@ -54,7 +55,7 @@ class EngineStopped(RuntimeError):
 
 
 @dataclass(frozen=True)
-class SamplingParams:
+class RequestParams:
     """What one request asks for: a token limit, sampling settings and stop strings."""
 
     max_tokens: int
@@ -79,7 +80,7 @@ class Sequence:
     """One generation: a prompt, its sampling parameters and where its events go."""
 
     prompt_ids: list[int]
-    params: SamplingParams
+    params: RequestParams
     sink: Callable[[Event], None]
     index: int = 0
     arrival: float = field(default_factory=time.perf_counter)
@@ -122,12 +123,15 @@ def kv_bytes_per_token(model: Transformer, dtype: torch.dtype) -> int:
 
 
 def _row_view(cache: KVCache, start: int, stop: int) -> KVCache:
-    """A KVCache whose rows are cache rows start..stop-1, sharing storage (writes land in `cache`)."""
-    view = KVCache.__new__(KVCache)
+    """A KVCache whose rows are cache rows start..stop-1, sharing storage (writes land in `cache`).
+
+    This is how a prompt is prefilled into a free row while other rows hold live sequences:
+    the model only ever sees a batch starting at row 0 of the cache it is given.
+    """
+    view = copy.copy(cache)  # every other attribute (max_len, ...) as in the full cache
     view.k = [t[start:stop] for t in cache.k]
     view.v = [t[start:stop] for t in cache.v]
     view.pos = cache.pos[start:stop]
-    view.max_len = cache.max_len
     return view
 
 
@@ -264,6 +268,7 @@ class Engine:
                         self.running.clear()
                         self.streams.clear()
                     for s in victims:
+                        s.finish_reason = "error"
                         self._count_finished("error")
                         self._emit(s, Event(s.index, "", len(s.out_ids), "error"))
         finally:

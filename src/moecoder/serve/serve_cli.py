@@ -138,11 +138,11 @@ def measure_throughput(engine, vocab_size: int, prompt_tokens: int, max_tokens: 
 
     import torch
 
-    from .engine import SamplingParams, Sequence
+    from .engine import RequestParams, Sequence
 
     engine.eos = frozenset()
     gen = torch.Generator().manual_seed(0)
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    params = RequestParams(max_tokens=max_tokens, temperature=0.0)
     lock = threading.Lock()
     counts = {"tokens": 0, "requests": 0}
 
@@ -161,7 +161,7 @@ def measure_throughput(engine, vocab_size: int, prompt_tokens: int, max_tokens: 
     warm = threading.Event()
     engine.start()
     try:
-        engine.submit([Sequence([0] * prompt_tokens, SamplingParams(max_tokens=4, temperature=0.0),
+        engine.submit([Sequence([0] * prompt_tokens, RequestParams(max_tokens=4, temperature=0.0),
                                 lambda ev: ev.finish_reason and warm.set())])
         if not warm.wait(300):
             raise UserError("the warm-up request did not finish in 300 s")
