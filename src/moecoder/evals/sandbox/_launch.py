@@ -236,8 +236,12 @@ def kill_descendants() -> None:
 
 
 def main() -> None:
+    launch(json.loads(read_fd(int(sys.argv[1]))))
+
+
+def launch(cfg: dict) -> None:
+    """Contain, fork and supervise one sample described by `cfg` (this process is its launcher)."""
     global _status_fd
-    cfg = json.loads(read_fd(int(sys.argv[1])))
     _status_fd = cfg["status_fd"]
     os.set_inheritable(_status_fd, False)
     os.set_inheritable(cfg["sync_fd"], False)
@@ -268,6 +272,7 @@ def main() -> None:
     start = time.monotonic()
     pid = os.fork()
     if pid == 0:
+        L.prctl(L.PR_SET_PDEATHSIG, signal.SIGKILL)  # at once: the launcher may be killed during setup
         init_main(cfg, inputs, bind_fds)
     for fd, _src in bind_fds:
         os.close(fd)

@@ -14,9 +14,11 @@ import select
 import selectors
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -236,7 +238,7 @@ class Sandbox:
         final = proc.final
         if final is None:
             if not truncated and time.monotonic() < deadline:
-                raise SandboxError(f"sandbox launcher ended without a report (exit {proc.proc.poll()})")
+                raise SandboxError("sandbox launcher ended without a report")
             final = {"exit": None, "signal": int(signal.SIGKILL), "timed_out": not truncated}
         return result_from_final(final, limits, bytes(out["stdout"]), bytes(out["stderr"]), truncated,
                                  time.monotonic() - proc.t0, self.tier)
@@ -273,39 +275,100 @@ def result_from_final(final: dict, limits: SandboxLimits, stdout: bytes, stderr:
         maxrss_kb=maxrss, tier=tier.name)
 
 
+class _Zygote:
+    """The per-process zygote (see _zygote.py): started on first use, restarted if it died."""
+
+    _instance: _Zygote | None = None
+    _class_lock = threading.Lock()
+
+    def __init__(self) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-B", str(HERE / "_zygote.py"), str(child.fileno())],
+                pass_fds=(child.fileno(),), env={"LANG": "C.UTF-8"}, cwd="/", start_new_session=True,
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        finally:
+            child.close()
+        self.sock, self.owner, self.lock = parent, os.getpid(), threading.Lock()
+
+    @classmethod
+    def get(cls) -> _Zygote:
+        with cls._class_lock:
+            z = cls._instance
+            if z is None or z.owner != os.getpid() or z.proc.poll() is not None:
+                cls._instance = z = cls()
+            return z
+
+    def spawn(self, cfg: dict[str, Any], fds: list[int]) -> int:
+        with self.lock:
+            socket.send_fds(self.sock, [json.dumps(cfg).encode()], fds)
+            reply = self.sock.recv(4096)
+        if not reply:
+            raise SandboxError("sandbox zygote exited")
+        return int(json.loads(reply)["pid"])
+
+
+class _LauncherHandle:
+    """The launcher process (a child of the zygote, not of us), tracked by pidfd so that signals never
+    reach a reused PID."""
+
+    def __init__(self, pid: int, stdin, stdout, stderr) -> None:
+        self.pid, self.stdin, self.stdout, self.stderr = pid, stdin, stdout, stderr
+        try:
+            self.pidfd: int | None = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self.pidfd = None
+
+    def alive(self) -> bool:
+        return self.pidfd is not None and not select.select([self.pidfd], [], [], 0)[0]
+
+    def wait(self, timeout: float) -> bool:
+        return self.pidfd is None or bool(select.select([self.pidfd], [], [], timeout)[0])
+
+    def kill(self) -> None:
+        if self.pidfd is not None:
+            try:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def close(self) -> None:
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+
 class Launched:
     """One launched sample: the launcher process, its status channel and the id-map handshake."""
 
     def __init__(self, sandbox: Sandbox, cfg: dict[str, Any], limits: SandboxLimits, stdin: bool,
                  stderr: bool) -> None:
-        cfg_r, cfg_w = os.pipe()
-        self.st_r, st_w = os.pipe()
-        sy_r, self.sy_w = os.pipe()
-        cfg.update(status_fd=st_w, sync_fd=sy_r, parent_pid=os.getpid())
         self.limits = limits
         self.init_pid: int | None = None
         self.final: dict | None = None
         self.setup_errors: list[str] = []
         self._status_buf = bytearray()
         self.t0 = time.monotonic()
+        self.st_r, st_w = os.pipe()
+        sy_r, self.sy_w = os.pipe()
+        in_r, in_w = os.pipe() if stdin else (os.open(os.devnull, os.O_RDONLY), None)
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe() if stderr else (None, os.open(os.devnull, os.O_WRONLY))
+        child_ends = [in_r, out_w, err_w, st_w, sy_r]
         try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-B", str(LAUNCHER), str(cfg_r)],
-                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE if stderr else subprocess.DEVNULL, pass_fds=(cfg_r, st_w, sy_r),
-                start_new_session=True, env={"LANG": "C.UTF-8"}, cwd=os.path.dirname(cfg["root_dir"]))
+            pid = _Zygote.get().spawn(cfg, child_ends)
         except BaseException:
-            os.close(cfg_w)
-            os.close(self.st_r)
-            os.close(self.sy_w)
+            for fd in (in_w, out_r, err_r, self.st_r, self.sy_w):
+                if fd is not None:
+                    os.close(fd)
             raise
         finally:
-            os.close(cfg_r)
-            os.close(st_w)
-            os.close(sy_r)
-        with os.fdopen(cfg_w, "wb") as f:
-            f.write(json.dumps(cfg).encode())
-
+            for fd in child_ends:
+                os.close(fd)
+        self.proc = _LauncherHandle(
+            pid, os.fdopen(in_w, "wb", buffering=0) if in_w is not None else None, os.fdopen(out_r, "rb", buffering=0),
+            os.fdopen(err_r, "rb", buffering=0) if err_r is not None else None)
     def feed_status(self, chunk: bytes) -> None:
         self._status_buf += chunk
         while b"\n" in self._status_buf:
@@ -313,7 +376,7 @@ class Launched:
             self._status_buf = bytearray(rest)
             msg = json.loads(line)
             if msg.get("stage") == "userns":
-                Sandbox._write_id_maps(self.proc.pid)
+                Sandbox._write_id_maps(self.proc.pid)  # before "go": the launcher is blocked, so the pid is its
                 os.write(self.sy_w, b"go")
             elif "pid" in msg:
                 self.init_pid = msg["pid"]
@@ -341,13 +404,21 @@ class Launched:
         if self.setup_errors:
             raise SandboxError(f"sandbox setup failed: {self.setup_errors[0]}")
 
-    def kill(self) -> None:
-        _kill(self.init_pid)
-        _kill(self.proc.pid, group=True)
+    def stop(self) -> None:
+        """Stop the sample; the launcher then cleans up, reports and exits by itself."""
+        if self.final is None and self.init_pid is not None:
+            _kill(self.init_pid)  # PID 1 of its namespace (or the sample's root, cleaned up by the launcher)
+        elif self.init_pid is None:
+            self.proc.kill()
+
+    kill = stop
 
     def close(self) -> None:
-        self.kill()
-        self.proc.wait()
+        self.stop()
+        if not self.proc.wait(2.0):
+            self.proc.kill()
+            self.proc.wait(2.0)
+        self.proc.close()
         for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if f is not None and not f.closed:
                 try:
