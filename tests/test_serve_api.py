@@ -146,6 +146,8 @@ BAD = [
     ("/v1/completions", b'{"model": "debug-moe", "prompt": "\xff\xfe"}', 400, None),
     ("/v1/completions", b'{"model": "debug-moe", "prompt": "\\ud800"}', 400, "prompt"),
     ("/v1/completions", b'[1, 2]', 400, None),
+    ("/v1/completions", b'{"model": "debug-moe", "prompt": "x", "logprobs": 2}', 400, "logprobs"),
+    ("/v1/completions", b'{"model": "debug-moe", "prompt": "x", "echo": true}', 400, "echo"),
     ("/v1/chat/completions", b'{"model": "debug-moe", "messages": []}', 400, "messages"),
     ("/v1/chat/completions", b'{"model": "debug-moe", "messages": [{"role": "wizard", "content": "x"}]}', 400, None),
     ("/v1/chat/completions", b'{"model": "debug-moe"}', 400, "messages"),

@@ -232,3 +232,22 @@ def test_tiny_temperature_is_greedy(model, codec):
         assert s.out_ids == reference_greedy(model, prompt, 8)
     finally:
         engine.shutdown()
+
+
+def test_new_request_joins_running_batch(model, codec):
+    """A short request submitted while a long one decodes starts at the next step and finishes
+    first: it does not wait for the batch to drain."""
+    engine = Engine(model, codec, [], max_batch=2, max_context=256).start()
+    try:
+        long = make_seq(codec.encode(PROMPTS[0]), 240)
+        engine.submit([long])
+        wait_until(lambda: len(long.out_ids) >= 3)
+        short = make_seq(codec.encode(PROMPTS[1]), 4)
+        engine.submit([short])
+        assert short.sink.done.wait(30)
+        assert long.finish_reason is None and len(long.out_ids) < 240  # still running
+        assert short.out_ids == reference_greedy(model, codec.encode(PROMPTS[1]), 4)
+        engine.cancel([long])
+        assert long.sink.done.wait(10)
+    finally:
+        engine.shutdown()

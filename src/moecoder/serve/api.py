@@ -154,10 +154,12 @@ def create_app(engine: Engine, codec: ChatCodec, model_name: str, *, api_key: st
         return _error_response(500, f"internal error: {type(e).__name__}", "server_error", None, None)
 
     # --- helpers ---
-    def check_model(name: str) -> None:
-        if name != model_name:
-            raise APIError(404, f"model {name!r} does not exist; this server serves {model_name!r}",
+    def check_request(req) -> None:
+        if req.model != model_name:
+            raise APIError(404, f"model {req.model!r} does not exist; this server serves {model_name!r}",
                            param="model", code="model_not_found")
+        if (name := req.unsupported()) is not None:
+            raise APIError(400, f"{name} is not supported by this server", param=name, code="unsupported")
 
     def check_tokens(ids: list[int], param: str) -> list[int]:
         if not ids and bos_token_id is not None:
@@ -280,7 +282,7 @@ def create_app(engine: Engine, codec: ChatCodec, model_name: str, *, api_key: st
 
     @app.post("/v1/completions", responses=_ERRORS)
     async def completions(req: CompletionRequest, request: Request):
-        check_model(req.model)
+        check_request(req)
         prompts = [check_tokens(codec.encode(p), "prompt") for p in req.prompts()]
 
         def chunk(i, text, reason):
@@ -290,7 +292,7 @@ def create_app(engine: Engine, codec: ChatCodec, model_name: str, *, api_key: st
 
     @app.post("/v1/chat/completions", responses=_ERRORS)
     async def chat_completions(req: ChatCompletionRequest, request: Request):
-        check_model(req.model)
+        check_request(req)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
             ids = check_tokens(codec.encode_chat(messages, add_generation_prompt=True), "messages")

@@ -45,6 +45,18 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Text | None = None
+    # Not implemented; declared so a request that asks for them is refused rather than silently
+    # answered without them (False / 0 / null are accepted: they ask for nothing).
+    logprobs: bool | Annotated[int, Field(ge=0, le=20)] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+
+    def unsupported(self) -> str | None:
+        """The name of an option this server does not implement but the request asks for."""
+        if self.logprobs:
+            return "logprobs"
+        if self.top_logprobs:
+            return "top_logprobs"
+        return None
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:

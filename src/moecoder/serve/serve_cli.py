@@ -83,6 +83,8 @@ def serve_cmd(
     name = served_model_name or Path(model).resolve().name
     app = create_app(engine, tok, name, api_key=api_key, bos_token_id=ckpt.bos_token_id)
     auth = "Bearer key required" if api_key else "no API key"
+    if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(f"warning: serving on {host} without an API key (set --api-key-env)", err=True)
     typer.echo(f"serving {name!r} on http://{host}:{port}/v1  ({engine.slots} slots x {engine.max_context} tokens, "
                f"queue {engine.max_queue}, {auth})")
     uvicorn.run(app, host=host, port=port, log_level="warning")
