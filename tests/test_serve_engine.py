@@ -182,6 +182,18 @@ def test_cancel_frees_slot_and_queue_is_bounded(model, codec):
         engine.shutdown()
 
 
+def test_no_queue_still_admits_into_free_rows(model, codec):
+    engine = Engine(model, codec, [], max_batch=2, max_context=64, max_queue=0).start()
+    try:
+        seqs = [make_seq(codec.encode("x"), 40), make_seq(codec.encode("y"), 40)]
+        engine.submit(seqs)  # two free rows
+        with pytest.raises(QueueFull):
+            engine.submit([make_seq(codec.encode("z"), 4)])
+        engine.cancel(seqs)
+    finally:
+        engine.shutdown()
+
+
 def test_kv_budget_limits_slots(model, codec):
     per_row_mb = kv_bytes_per_token(model, torch.float32) * 128 / 2**20
     engine = Engine(model, codec, [], max_batch=8, max_context=128, kv_budget_mb=3.5 * per_row_mb)

@@ -216,7 +216,8 @@ class Engine:
         with self._cv:
             if not self.alive:
                 raise EngineStopped("the generation engine is not running")
-            if len(self.waiting) + len(seqs) > self.max_queue:
+            # Free rows count as room too: waiting sequences there are admitted at the next step.
+            if len(self.waiting) + len(seqs) > self.max_queue + self.slots - len(self.running):
                 raise QueueFull(self._retry_after())
             self.waiting.extend(seqs)
             self._cv.notify()

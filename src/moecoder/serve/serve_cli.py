@@ -86,7 +86,7 @@ def serve_cmd(
     if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(f"warning: serving on {host} without an API key (set --api-key-env)", err=True)
     typer.echo(f"serving {name!r} on http://{host}:{port}/v1  ({engine.slots} slots x {engine.max_context} tokens, "
-               f"queue {engine.max_queue}, {auth})")
+               f"KV cache {engine.cache.nbytes() / 2**20:.0f} MiB, queue {engine.max_queue}, {auth})")
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
