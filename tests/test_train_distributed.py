@@ -76,8 +76,10 @@ def test_two_gloo_ranks_match_one_process(single_run, tmp_path, parallel):
     # The expert counts are all-reduced too: same weights at step 1, so the same global routing.
     assert got[0]["tokens_per_expert"] == ref[0]["tokens_per_expert"]
     assert all(sum(c) == 4 * 16 * 2 for c in got[0]["tokens_per_expert"])
-    # Rank 0 wrote one full (unsharded) checkpoint with the single process's weights.
+    # Rank 0 wrote one full (unsharded) checkpoint with the single process's weights. Adam divides by
+    # sqrt(v), so an element with a near-zero gradient can move by up to ~lr on float noise: atol 1e-4
+    # (lr 3e-3, weights ~0.02). A wrong gradient scale shows in grad_norm above, which Adam would hide.
     weights = _weights(out)
     assert weights.keys() == ref_weights.keys()
     for name, w in weights.items():
-        torch.testing.assert_close(w, ref_weights[name], rtol=1e-4, atol=1e-6, msg=f"{parallel}: {name} differs")
+        torch.testing.assert_close(w, ref_weights[name], rtol=1e-4, atol=1e-4, msg=lambda m: f"{parallel} {name}: {m}")
