@@ -1,4 +1,8 @@
-"""torchrun with 2 CPU processes (gloo) reproduces the single-process loss trajectory, DDP and FSDP2."""
+"""torchrun with 2 CPU processes (gloo) reproduces the single-process loss trajectory, DDP and FSDP2.
+
+DDP trains the debug preset; FSDP2 trains a MiniMax-shaped debug model with aux-loss-free bias updates
+(expert loads all-reduced across ranks), stopping after step 3 and resuming.
+"""
 
 import json
 import subprocess
@@ -15,10 +19,24 @@ from moecoder.train import state as S
 STEPS = 5
 
 
-def _args(data, out, micro):
+BIAS_YAML = """\
+model:
+  preset: debug
+  model_type: minimax_m2
+  score_func: sigmoid
+  routing_bias: true
+  norm_topk: true
+  qk_norm: full
+  ffn_dim: 64
+train:
+  bias_update_rate: 1.0e-3
+"""
+
+
+def _args(config, data, out, micro):
     # micro-batch 1 everywhere: the aux losses are per micro-batch means, so with one sequence per
     # micro-batch both runs average the same per-sequence terms and must agree.
-    return ["train", "--config", "debug", "--data", str(data), "--out", str(out), "--steps", str(STEPS),
+    return ["train", "--config", str(config), "--data", str(data), "--out", str(out), "--steps", str(STEPS),
             "--batch-size", "4", "--micro-batch", str(micro), "--seq-len", "16", "--warmup", "2", "--lr", "3e-3",
             "--eval-every", str(STEPS), "--save-every", str(STEPS), "--keep", "1", "--device", "cpu"]
 
@@ -34,28 +52,40 @@ def _weights(out):
 
 
 @pytest.fixture(scope="module")
-def single_run(tmp_path_factory):
+def single_runs(tmp_path_factory):
+    """The one-process reference per model config, run in-process (no interpreter start-up)."""
     tmp = tmp_path_factory.mktemp("single")
     data = write_token_dir(tmp / "data", n_train=3000, n_val=600)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(sys, "argv", ["moecoder", *_args(data, tmp / "run", 1)])
-            with pytest.raises(SystemExit) as exc:
-                main()
-            assert exc.value.code in (0, None)
-    finally:
-        torch.set_num_threads(n)
-    return data, _records(tmp / "run"), _weights(tmp / "run")
+    (tmp / "bias.yaml").write_text(BIAS_YAML)
+    runs = {}
+
+    def get(config):
+        if config not in runs:
+            out = tmp / f"run-{len(runs)}"
+            n = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                with pytest.MonkeyPatch.context() as mp:
+                    mp.setattr(sys, "argv", ["moecoder", *_args(config, data, out, 1)])
+                    with pytest.raises(SystemExit) as exc:
+                        main()
+                    assert exc.value.code in (0, None)
+            finally:
+                torch.set_num_threads(n)
+            runs[config] = (data, _records(out), _weights(out))
+        return runs[config]
+
+    return tmp, get
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_gloo_ranks_match_one_process(single_run, tmp_path, parallel):
-    data, ref, ref_weights = single_run
+def test_two_gloo_ranks_match_one_process(single_runs, tmp_path, parallel):
+    tmp, get = single_runs
+    config = "debug" if parallel == "ddp" else tmp / "bias.yaml"
+    data, ref, ref_weights = get(config)
     out = tmp_path / parallel
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "moecoder",
-           *_args(data, out, 1), "--parallel", parallel]
+           *_args(config, data, out, 1), "--parallel", parallel]
     if parallel == "fsdp":
         # Stop after step 3 and resume: loads the full optimizer state into the sharded optimizer.
         p = subprocess.run([*cmd, "--stop-after", "3"], capture_output=True, text=True, env=cli_env(), timeout=120)
@@ -80,6 +110,9 @@ def test_two_gloo_ranks_match_one_process(single_run, tmp_path, parallel):
     # sqrt(v), so an element with a near-zero gradient can move by up to ~lr on float noise: atol 1e-4
     # (lr 3e-3, weights ~0.02). A wrong gradient scale shows in grad_norm above, which Adam would hide.
     weights = _weights(out)
+    if parallel == "fsdp":
+        biases = [k for k in weights if k.endswith("e_score_correction_bias")]
+        assert biases and all(weights[k].abs().max() > 0 for k in biases)  # the bias updates ran and were saved
     assert weights.keys() == ref_weights.keys()
     for name, w in weights.items():
         torch.testing.assert_close(w, ref_weights[name], rtol=1e-4, atol=1e-4, msg=lambda m: f"{parallel} {name}: {m}")

@@ -145,3 +145,24 @@ def test_resume_refuses_a_different_model_config(tmp_path):
     res = train(cfg, tiny_cfg(n_layers=3), tmp_path / "run2", loader_factory=factory(tmp_path / "data"),
                 resume=False, stream=io.StringIO())
     assert res["step"] == 2
+
+
+def test_router_bias_updates_survive_resume_exactly(tmp_path):
+    """Aux-loss-free bias lives in the HF folder (e_score_correction_bias) and must round-trip exactly."""
+    write_token_dir(tmp_path / "data", n_train=800, n_val=200)
+    model_cfg = tiny_cfg(model_type="minimax_m2", score_func="sigmoid", routing_bias=True, qk_norm="full")
+
+    def run(out, log=None, **kw):
+        cfg = TrainConfig(steps=4, batch_size=2, seq_len=8, warmup=1, save_every=1, keep=2, eval_every=0,
+                          bias_update_rate=1e-2, **kw)
+        return train(cfg, model_cfg, tmp_path / out, loader_factory=factory(tmp_path / "data"),
+                     stream=log or io.StringIO())["model"].state_dict()
+
+    want = run("straight")
+    run("split", stop_after=2)
+    log = io.StringIO()
+    got = run("split", log)
+    assert "step_00000002 at step 2" in log.getvalue()  # resumed, not restarted
+    assert any(k.endswith("router.bias") and v.abs().max() > 0 for k, v in want.items())
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
