@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -358,8 +359,8 @@ def train(
 ) -> dict[str, Any]:
     """Train `model_cfg` from scratch or from the newest good checkpoint in `out_dir`.
 
-    Launch with plain python for one process or with torchrun for DDP/FSDP2. Returns a summary
-    (final step, last loss, last eval loss, checkpoint folder).
+    Launch with plain python for one process or with torchrun for DDP/FSDP2. Returns a summary:
+    final step, last loss, last eval loss, last checkpoint folder and the (wrapped) model.
     """
     from . import state as S
 
@@ -385,7 +386,7 @@ def train(
 
     def log(msg: str) -> None:
         if info.is_main:
-            print(msg, file=stream or __import__("sys").stderr, flush=True)
+            print(msg, file=stream or sys.stderr, flush=True)
 
     if not resume and S.list_checkpoints(out_dir):
         # Old checkpoints with higher step numbers would outlive (and prune) the new run's.
