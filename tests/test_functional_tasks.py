@@ -201,7 +201,10 @@ def test_humaneval_plus_checksum_is_enforced(tmp_path):
 
 @pytest.fixture(scope="module")
 def mbpp() -> dict[str, F.FunctionTask]:
-    return {t.task_id: t for t in F.load_mbpp(DATA / "mbpp.jsonl")}
+    tasks = {t.task_id: t for t in F.load_mbpp(DATA / "mbpp.jsonl")}
+    used = [tasks[i] for i in ("Mbpp/11", "Mbpp/40", "Mbpp/88", "Mbpp/17", "Mbpp/100")]
+    F._attach_reference(used, "mbpp-subset", "test")  # calibrate only what these tests evaluate
+    return tasks
 
 
 def test_mbpp_loads_the_test_split(mbpp):

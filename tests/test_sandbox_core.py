@@ -202,3 +202,9 @@ def test_call_server_runs_without_capabilities_or_launcher_fds(sb):
         caps, uid, env = s.call([]).value
     assert set(caps.values()) == {0} and uid != 0
     assert "OPENAI_API_KEY" not in env and "HOME" in env
+
+
+def test_run_passes_stdin_and_nested_files(sb):
+    files = {"pkg/__init__.py": "VALUE = 'nested'", "main.py": "import sys, pkg\nprint(pkg.VALUE, len(sys.stdin.read()))"}
+    res = sb.run([sb.python, "main.py"], files=files, stdin=b"x" * 300_000, limits=SandboxLimits(wall_s=20))
+    assert res.returncode == 0 and res.stdout == b"nested 300000\n"
