@@ -13,6 +13,7 @@ detokenization and stop strings.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -93,6 +94,22 @@ def decode_one_token(model: Transformer, tokens_B1: torch.Tensor, cache: KVCache
     return model(tokens_B1, cache=cache).logits[:, -1]
 
 
+@functools.cache
+def compiled_decode_one_token():
+    """decode_one_token under torch.compile, built once per process so that every generate call
+    reuses its graphs. Traced, the step has static shapes (see AttentionStep): it compiles once per
+    (batch, cache length), not once per position."""
+    return torch.compile(decode_one_token, dynamic=False)
+
+
+def cache_length(needed: int, max_seq_len: int, compiled: bool) -> int:
+    """KV cache length for a generation needing `needed` positions. A compiled step recompiles for
+    every new cache length, so round up to a power of two (at least 256, at most max_seq_len)."""
+    if not compiled:
+        return needed
+    return max(needed, min(max(256, 1 << (needed - 1).bit_length()), max_seq_len))
+
+
 # --- token-level generation ---
 
 
@@ -162,12 +179,12 @@ def generate_stream(
             yield b, None, "length"
         return
 
-    cache = KVCache(cfg, B, max(lengths) + steps, dtype, device=device)
+    cache = KVCache(cfg, B, cache_length(max(lengths) + steps, cfg.max_seq_len, compile), dtype, device=device)
     tokens_BT = torch.zeros(B, max(lengths), dtype=torch.long, device=device)
     for b, p in enumerate(prompts):
         tokens_BT[b, : len(p)] = torch.tensor(p, dtype=torch.long)
     lengths_B = torch.tensor(lengths, dtype=torch.long, device=device)
-    decode = torch.compile(decode_one_token, dynamic=False) if compile else decode_one_token
+    decode = compiled_decode_one_token() if compile else decode_one_token
 
     logits_BV = prefill(model, tokens_BT, lengths_B, cache)
     counts, done = [0] * B, [False] * B

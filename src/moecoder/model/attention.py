@@ -60,10 +60,15 @@ class AttentionStep:
 
     def __init__(self, pos_BT: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None):
         self.pos_BT, self.cos, self.sin = pos_BT, cos, sin
-        B, T = pos_BT.shape
+        T = pos_BT.shape[1]
         self._masks: dict[int | None, torch.Tensor] = {}
         if cache is None:
             self.kv_len, self.start = T, 0
+            return
+        if torch.compiler.is_compiling():
+            # Traced by torch.compile: no host reads, so every decode step has the same shapes and
+            # compiles once: write by scatter, attend over the whole cache under a mask.
+            self.kv_len, self.start = cache.max_len, None
             return
         first = pos_BT[:, 0].tolist()  # the step's one host read of positions
         self.kv_len = max(first) + T

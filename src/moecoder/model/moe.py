@@ -163,6 +163,8 @@ class MoE(nn.Module):
 
     def _decode_path(self, x_NC, weights_NK, ids_NK) -> torch.Tensor:
         """Few tokens (decode): loop over each token's experts on weight views, no sort or copies."""
+        if torch.compiler.is_compiling():
+            return self._gathered_path(x_NC, weights_NK, ids_NK)
         # One host read of the ids and weights (Python floats hold the x-dtype weights exactly).
         ids, ws = ids_NK.tolist(), weights_NK.to(x_NC.dtype).tolist()
         rows = []
@@ -177,6 +179,17 @@ class MoE(nn.Module):
             return torch.zeros_like(x_NC)
         # Under autocast the experts return bf16/fp16 while x stays fp32: return x's dtype.
         return (rows[0] if len(rows) == 1 else torch.cat(rows)).to(x_NC.dtype)
+
+    def _gathered_path(self, x_NC, weights_NK, ids_NK) -> torch.Tensor:
+        """Few tokens without host reads (for torch.compile): index each token's expert weights.
+
+        Written as multiply-and-sum so that inductor fuses the gather into one pass over the chosen
+        experts' weights; eager would materialise [N, K, 2F, C] copies, so eager uses the loop.
+        """
+        h_NKH = (x_NC[:, None, None, :] * self.experts.w13[ids_NK]).sum(-1)  # H = 2F: gate then up
+        gate, up = h_NKH.chunk(2, dim=-1)
+        y_NKC = ((F.silu(gate) * up)[:, :, None, :] * self.experts.w2[ids_NK]).sum(-1)
+        return (y_NKC * weights_NK.to(y_NKC.dtype)[..., None]).sum(1).to(x_NC.dtype)
 
     @torch.no_grad()
     def reference_forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
