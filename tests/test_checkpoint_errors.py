@@ -63,8 +63,8 @@ def test_valid_checkpoint_loads(ckpt):
     assert read_config(ckpt) == _cfg()
 
 
-def test_debug_preset_saves_with_a_warning_and_reloads_exactly(tmp_path):
-    model = Transformer(get_preset("debug"))  # mixtral-typed but without top-k renormalisation
+def test_mixtral_without_renormalisation_saves_with_a_warning_and_reloads_exactly(tmp_path):
+    model = Transformer(get_preset("debug").replace(norm_topk=False))  # mixtral-typed, no top-k renormalisation
     model.init_weights(seed=0)
     with pytest.warns(UserWarning, match="norm_topk=False"):
         save_checkpoint(model, tmp_path / "ckpt")

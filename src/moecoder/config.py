@@ -132,7 +132,7 @@ def _preset(**kw: Any) -> ModelConfig:
 PRESETS: dict[str, ModelConfig] = {
     # Tiny model for tests and CI.
     "debug": _preset(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, n_experts=4,
-                     top_k=2, moe_ffn_dim=64, max_seq_len=256),
+                     top_k=2, moe_ffn_dim=64, norm_topk=True, max_seq_len=256),
     # The reference config of the benchmarks: 85.7M total / 48.0M active.
     "bench-mixtral": _preset(vocab_size=32000, dim=512, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=1024,
                              n_experts=8, top_k=2, norm_topk=True, max_seq_len=4096, rope_theta=1e6),
