@@ -1,0 +1,76 @@
+"""Batch-1 prefill time of a long prompt: moecoder vs transformers (same weights, same KV-cache work).
+
+Both sides do what their generate does before the first token: run the whole prompt, fill a KV cache
+and project only the last position to the vocabulary (transformers: `logits_to_keep=1`).
+Also prints the achieved matmul GFLOP/s (2 x active non-embedding params x tokens).
+
+    .venv/bin/python benchmarks/prefill.py [--tokens 512] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _reference import build_reference, median_time, threads_note  # noqa: E402
+
+from moecoder.generate import prefill  # noqa: E402
+from moecoder.model import KVCache  # noqa: E402
+
+
+def active_matmul_params(model) -> int:
+    """Weights one prompt token multiplies: attention, router, top_k experts per MoE layer (no LM head)."""
+    cfg = model.cfg
+    total = 0
+    for name, p in model.named_parameters():
+        if p.dim() < 2 or name in ("embed.weight", "lm_head.weight"):
+            continue
+        total += p.numel() // cfg.n_experts * cfg.top_k if ".experts." in name else p.numel()
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+
+    print(f"# prefill benchmark  ({threads_note()})  prompt {args.tokens} tokens, batch 1")
+    rows = []
+    for dtype, name in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
+        hf, ours, ckpt = build_reference(dtype)
+        cfg = ours.cfg
+        ids = torch.randint(0, cfg.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(1))
+        lengths = torch.tensor([args.tokens])
+
+        def run_hf():
+            with torch.inference_mode():
+                return hf(ids, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+        def run_ours():
+            with torch.inference_mode():
+                cache = KVCache(cfg, 1, args.tokens + 1, dtype)
+                return prefill(ours, ids, lengths, cache)
+
+        diff = (run_hf().float() - run_ours().float()).abs().max().item()
+        t_hf = median_time(run_hf, args.repeats)
+        t_ours = median_time(run_ours, args.repeats)
+        flops = 2 * active_matmul_params(ours) * args.tokens
+        rows.append({"dtype": name, "hf": t_hf, "ours": t_ours, "gflops": flops / t_ours / 1e9, "diff": diff})
+        shutil.rmtree(ckpt, ignore_errors=True)
+
+    print("| dtype | transformers s | moecoder s | speed ratio | moecoder tok/s | moecoder GFLOP/s | max abs logit diff |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['dtype']} | {r['hf']:.4f} | {r['ours']:.4f} | {r['hf'] / r['ours']:.2f}x | "
+              f"{args.tokens / r['ours']:.0f} | {r['gflops']:.0f} | {r['diff']:.2e} |")
+    print(f"\nreproduce: .venv/bin/python benchmarks/prefill.py --tokens {args.tokens} --repeats {args.repeats}")
+
+
+if __name__ == "__main__":
+    main()
