@@ -66,9 +66,8 @@ def main() -> None:
                 m.use_grouped_mm = True
     lr, clip, wd = 1e-4, 1.0, 0.1
     opt_ours = build_optimizer(ours, lr=lr, weight_decay=wd)
-    # Same AdamW for both; transformers has no param-group convention, so decay everything there.
-    opt_hf = torch.optim.AdamW(hf.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=wd,
-                               fused=device.type == "cuda" or None)
+    # Fused AdamW, transformers' Trainer default (as moecoder's); decay on every weight there.
+    opt_hf = torch.optim.AdamW(hf.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=wd, fused=True)
     opts = StepOptions(clip=clip, autocast_dtype=amp)
 
     g = torch.Generator().manual_seed(0)
