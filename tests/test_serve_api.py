@@ -192,7 +192,7 @@ def test_full_queue_gives_429_with_retry_after(codec):
         threads[0].join(timeout=30)
         assert not threads[0].is_alive()
         deadline = time.time() + 10
-        while (h := httpx.get(srv.url + "/health").json())["running"] + h["waiting"]:
+        while (h := httpx.get(srv.url + "/health").json())["running"] + h["prefilling"] + h["waiting"]:
             assert time.time() < deadline
             time.sleep(0.01)
 

@@ -71,13 +71,16 @@ def make_seq(prompt, max_tokens, **kw):
 PROMPTS = ["def add(a, b):", "x", "for i in range(10):\n    print(i)", "class Stack:\n    def push", "import os"]
 
 
-def test_batched_decode_equals_reference(model, codec):
+@pytest.mark.parametrize("prefill_chunk", [512, 5])
+def test_batched_decode_equals_reference(model, codec, prefill_chunk):
     """Requests of different lengths joining and leaving a batch of 3 slots (so some queue, rows get
-    compacted and prompts are prefilled beside running rows) give the reference greedy tokens."""
+    compacted and prompts are prefilled beside running rows; with prefill_chunk=5 the longer
+    prompts are prefilled in pieces over several steps) give the reference greedy tokens."""
     prompts = [codec.encode(p) for p in PROMPTS]
+    assert max(map(len, prompts)) > 2 * 5
     max_tokens = [12, 5, 9, 3, 7]
     refs = [reference_greedy(model, p, n) for p, n in zip(prompts, max_tokens)]
-    engine = Engine(model, codec, [], max_batch=3, max_context=64, max_queue=16).start()
+    engine = Engine(model, codec, [], max_batch=3, max_context=64, max_queue=16, prefill_chunk=prefill_chunk).start()
     try:
         seqs = [make_seq(p, n) for p, n in zip(prompts, max_tokens)]
         run_all(engine, seqs)
@@ -91,7 +94,7 @@ def test_batched_decode_equals_reference(model, codec):
         run_all(engine, [late])
         assert late.out_ids == refs[0]
         st = engine.stats()
-        assert (st["running"], st["waiting"], st["kv_used_tokens"]) == (0, 0, 0)
+        assert (st["running"], st["prefilling"], st["waiting"], st["kv_used_tokens"]) == (0, 0, 0, 0)
     finally:
         engine.shutdown()
 
@@ -174,7 +177,7 @@ def test_cancel_frees_slot_and_queue_is_bounded(model, codec):
         engine.cancel([long, queued])
         assert long.sink.done.wait(10)
         assert long.finish_reason == "cancelled"
-        wait_until(lambda: engine.stats()["running"] + engine.stats()["waiting"] == 0)
+        wait_until(lambda: sum(engine.stats()[k] for k in ("running", "prefilling", "waiting")) == 0)
         after = make_seq(prompt, 3)
         run_all(engine, [after])
         assert len(after.out_ids) == 3
@@ -235,13 +238,15 @@ def test_failed_step_ends_its_sequences_and_engine_keeps_serving(model, codec, m
         engine.shutdown()
 
 
-def test_tiny_temperature_is_greedy(model, codec):
+def test_tiny_temperature_or_top_p_is_greedy(model, codec):
     prompt = codec.encode(PROMPTS[0])
     engine = Engine(model, codec, [], max_batch=1, max_context=64).start()
     try:
-        s = make_seq(prompt, 8, temperature=5e-324)  # logits / t would overflow to inf
-        run_all(engine, [s])
-        assert s.out_ids == reference_greedy(model, prompt, 8)
+        ref = reference_greedy(model, prompt, 8)
+        tiny_t = make_seq(prompt, 8, temperature=5e-324)  # logits / t would overflow to inf
+        tiny_p = make_seq(prompt, 8, temperature=1.0, top_p=1e-61)  # 0 in float32: every token dropped
+        run_all(engine, [tiny_t, tiny_p])
+        assert tiny_t.out_ids == ref and tiny_p.out_ids == ref
     finally:
         engine.shutdown()
 
@@ -261,5 +266,35 @@ def test_new_request_joins_running_batch(model, codec):
         assert short.out_ids == reference_greedy(model, codec.encode(PROMPTS[1]), 4)
         engine.cancel([long])
         assert long.sink.done.wait(10)
+    finally:
+        engine.shutdown()
+
+
+def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(model, codec):
+    """With prefill_chunk=4 a 24+ token prompt takes several steps to prefill, and the running
+    sequence decodes a token in each of them instead of waiting for the whole prompt."""
+    engine = Engine(model, codec, [], max_batch=2, max_context=256, prefill_chunk=4).start()
+    try:
+        runner = make_seq(codec.encode("x"), 200)
+        engine.submit([runner])
+        wait_until(lambda: len(runner.out_ids) >= 2)
+        prompt = codec.encode("def add(a, b):\n    return a + b\n" * 3)
+        assert len(prompt) >= 24
+        late = make_seq(prompt, 3)
+        seen = late.sink
+        runner_at_first: list[int] = []
+
+        def sink(ev):  # runs on the engine thread: the runner's count at this exact step
+            if not runner_at_first:
+                runner_at_first.append(len(runner.out_ids))
+            seen(ev)
+
+        late.sink = sink
+        before = len(runner.out_ids)
+        engine.submit([late])
+        assert seen.done.wait(30)
+        assert late.out_ids == reference_greedy(model, prompt, 3)
+        assert runner_at_first[0] - before >= -(-len(prompt) // 4) - 1 - 1  # one step of slack at admission
+        engine.cancel([runner])
     finally:
         engine.shutdown()

@@ -73,7 +73,7 @@ def test_fuzz_never_5xx_and_errors_are_openai_shaped(server, mode):
 
 def test_server_is_healthy_and_idle_after_fuzzing(server):
     deadline = time.time() + 10
-    while (health := httpx.get(server.url + "/health").json())["running"] + health["waiting"]:
+    while sum((health := httpx.get(server.url + "/health").json())[k] for k in ("running", "prefilling", "waiting")):
         assert time.time() < deadline, health
         time.sleep(0.05)
     assert health["status"] == "ok" and health["failed_steps"] == 0

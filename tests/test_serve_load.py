@@ -90,13 +90,14 @@ def test_64_streaming_clients_with_hangups(server):
 
     # afterwards: nothing running, nothing queued, no KV cache held
     deadline = time.time() + 20
-    while (h := httpx.get(server.url + "/health").json())["running"] + h["waiting"]:
+    while (h := httpx.get(server.url + "/health").json())["running"] + h["prefilling"] + h["waiting"]:
         assert time.time() < deadline, h
         time.sleep(0.05)
     assert h["status"] == "ok" and h["kv_used_tokens"] == 0 and h["failed_steps"] == 0
     text = httpx.get(server.url + "/metrics").text
     assert metric(text, "moecoder_queue_depth") == 0
     assert metric(text, "moecoder_running_batch_size") == 0
+    assert metric(text, "moecoder_prefilling") == 0
     assert metric(text, "moecoder_kv_cache_usage_ratio") == 0
     # the hung-up streams were cancelled (their slots freed early), not run to their 80 tokens
     cancelled = metric(text, 'moecoder_sequences_finished_total{reason="cancelled"}')

@@ -1,11 +1,13 @@
 """Continuous-batching generation engine, run on its own thread.
 
-Every running sequence owns one row ("slot") of a static KV cache. Rows 0..n-1 are always
-the running sequences (a finished row is refilled by moving the last row into it), so one
-decode step is one forward over a `[n, 1]` batch. New requests join at step boundaries: their
-prompts are prefilled straight into free rows through a row-window view of the same cache,
-then they decode with everyone else. Finished or cancelled sequences leave at the next step
-without stalling the others.
+Every sequence in the engine owns one row ("slot") of a static KV cache. Rows 0..n-1 are the
+decoding sequences and rows n..n+k-1 the ones still prefilling their prompt; a freed row is
+refilled by moving a later row into it, so both groups stay contiguous and one decode step is
+one forward over a `[n, 1]` batch. At each step boundary waiting requests take free rows, and
+up to `prefill_chunk` prompt tokens are prefilled (long prompts in chunks over several steps,
+so they never stall the decoding rows for long) through a row-window view of the same cache.
+A sequence whose prompt is complete joins the decode batch; finished or cancelled ones leave
+at the next step without stalling the others.
 
 The engine works on token ids; text appears only at its edge (incremental detokenisation and
 stop strings), so HTTP handlers receive ready-to-send text deltas through a callback.
@@ -32,8 +34,11 @@ from ..model import KVCache, Transformer
 
 log = logging.getLogger(__name__)
 
-# Below this, logits / temperature can overflow to inf (NaN probabilities); it is greedy in effect.
+# Below these, sampling is greedy in effect, and computing it in float32 breaks: logits /
+# temperature overflows to inf (NaN probabilities), a top_p under ~1e-45 rounds to 0 and drops
+# every token. Such requests are decoded greedily.
 MIN_TEMPERATURE = 1e-4
+MIN_TOP_P = 1e-6
 
 
 class TextCodec(Protocol):
@@ -92,7 +97,7 @@ class Sequence:
 
     def __post_init__(self) -> None:
         p = self.params
-        temperature = p.temperature if p.temperature >= MIN_TEMPERATURE else 0.0
+        temperature = p.temperature if p.temperature >= MIN_TEMPERATURE and p.top_p >= MIN_TOP_P else 0.0
         self.sampling = Sampling(temperature=temperature, top_p=p.top_p if p.top_p < 1 else None)
         # Choice i of a seeded request draws from seed + i, as moecoder.generate does for row i.
         seed = p.seed if p.seed is not None else secrets.randbits(63)
@@ -153,7 +158,7 @@ class Engine:
         max_context: int | None = None,
         max_queue: int = 64,
         kv_budget_mb: float | None = None,
-        prefill_tokens: int = 4096,
+        prefill_chunk: int = 512,
         metrics=None,
     ):
         self.model = model.eval()
@@ -177,11 +182,14 @@ class Engine:
                 )
         self.slots = slots
         self.max_queue = max_queue
-        self.prefill_tokens = prefill_tokens
+        if prefill_chunk < 1:
+            raise ValueError("prefill_chunk must be >= 1")
+        self.prefill_chunk = prefill_chunk  # prompt tokens (padded) prefilled per step
         self.cache = KVCache(model.cfg, slots, self.max_context, self.dtype, device=self.device)
         self.metrics = metrics
-        self.running: list[Sequence] = []  # running[i] lives in cache row i
-        self.streams: list[TextStream] = []
+        self.running: list[Sequence] = []  # decoding; running[i] lives in cache row i
+        self.streams: list[TextStream] = []  # streams[i] belongs to running[i]
+        self.prefilling: list[Sequence] = []  # prefilling[i] lives in row len(running) + i
         self.waiting: collections.deque[Sequence] = collections.deque()
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -217,7 +225,7 @@ class Engine:
             if not self.alive:
                 raise EngineStopped("the generation engine is not running")
             # Free rows count as room too: waiting sequences there are admitted at the next step.
-            if len(self.waiting) + len(seqs) > self.max_queue + self.slots - len(self.running):
+            if len(self.waiting) + len(seqs) > self.max_queue + self.slots - self._rows_used():
                 raise QueueFull(self._retry_after())
             self.waiting.extend(seqs)
             self._cv.notify()
@@ -231,9 +239,11 @@ class Engine:
 
     def stats(self) -> dict[str, int | float]:
         with self._cv:
-            used = int(self.cache.pos[: len(self.running)].sum()) if self.running else 0
+            rows = self._rows_used()
+            used = int(self.cache.pos[:rows].sum()) if rows else 0
             return {
                 "running": len(self.running),
+                "prefilling": len(self.prefilling),
                 "waiting": len(self.waiting),
                 "slots": self.slots,
                 "kv_used_tokens": used,
@@ -244,40 +254,41 @@ class Engine:
     def _retry_after(self) -> int:
         return 1 + len(self.waiting) // max(1, self.slots)
 
+    def _rows_used(self) -> int:
+        return len(self.running) + len(self.prefilling)
+
     def _loop(self) -> None:
         try:
             while True:
                 with self._cv:
-                    while not self._stop and not self.running and not self.waiting:
+                    while not self._stop and not self._rows_used() and not self.waiting:
                         self._cv.wait()
                     if self._stop:
                         break
                     self._drop_cancelled()
-                    admit = self._take_admissions()
+                    self._admit()
                 try:
                     with torch.inference_mode():
-                        if admit:
-                            self._prefill(admit)
+                        if self.prefilling:
+                            self._prefill_step()
                         if self.running:
                             self._decode_step()
                 except Exception as e:
-                    # One failed step must not take the server down: end this step's sequences, keep serving.
+                    # One failed step must not take the server down: end the sequences in rows, keep serving.
                     log.exception("engine step failed; ending the sequences of this step")
                     self.error, self.failed_steps = e, self.failed_steps + 1
                     with self._cv:
-                        victims = self.running + [s for s in admit if s not in self.running]
-                        self.running.clear()
-                        self.streams.clear()
+                        victims = self.running + self.prefilling
+                        self.running, self.streams, self.prefilling = [], [], []
                     for s in victims:
                         s.finish_reason = "error"
                         self._count_finished("error")
                         self._emit(s, Event(s.index, "", len(s.out_ids), "error"))
         finally:
             with self._cv:
-                for s in self.running + list(self.waiting):
+                for s in self.running + self.prefilling + list(self.waiting):
                     self._emit(s, Event(s.index, "", len(s.out_ids), "cancelled"))
-                self.running.clear()
-                self.streams.clear()
+                self.running, self.streams, self.prefilling = [], [], []
                 self.waiting.clear()
 
     def _drop_cancelled(self) -> None:
@@ -286,39 +297,60 @@ class Engine:
                 if s.cancelled:
                     self._count_finished("cancelled")
             self.waiting = collections.deque(s for s in self.waiting if not s.cancelled)
+        # Highest index first: the row moved into a freed one has already been checked.
+        for i in reversed(range(len(self.prefilling))):
+            if self.prefilling[i].cancelled:
+                self._free_prefilling(i, "cancelled")
         for row in reversed(range(len(self.running))):
             if self.running[row].cancelled:
                 self._free(row, "cancelled")
 
-    def _take_admissions(self) -> list[Sequence]:
-        admit: list[Sequence] = []
-        longest = 0
-        while self.waiting and len(self.running) + len(admit) < self.slots:
-            nxt = self.waiting[0]
-            longest2 = max(longest, len(nxt.prompt_ids))
-            # Right-padded prefill costs rows * longest; cap it so decoding rows are not stalled long.
-            if admit and longest2 * (len(admit) + 1) > self.prefill_tokens:
-                break
-            admit.append(self.waiting.popleft())
-            longest = longest2
-        return admit
+    def _admit(self) -> None:
+        """Waiting sequences take the free rows (after the prefilling ones), prompt not yet cached."""
+        while self.waiting and self._rows_used() < self.slots:
+            self.cache.pos[self._rows_used()] = 0
+            self.prefilling.append(self.waiting.popleft())
 
-    def _prefill(self, admit: list[Sequence]) -> None:
-        n0, m = len(self.running), len(admit)
-        lens = torch.tensor([len(s.prompt_ids) for s in admit], device=self.device)
-        tokens = torch.zeros(m, int(lens.max()), dtype=torch.long, device=self.device)
-        for i, s in enumerate(admit):
-            tokens[i, : len(s.prompt_ids)] = torch.tensor(s.prompt_ids)
-        view = _row_view(self.cache, n0, n0 + m)
-        view.pos.zero_()
-        logits = self.model(tokens, cache=view, logits_at=lens - 1).logits[:, -1]
-        self.cache.pos[n0 : n0 + m] = lens  # the padded tail is garbage that decode overwrites
-        with self._cv:
-            self.running.extend(admit)
-            self.streams.extend(TextStream(self.codec, s.params.stop) for s in admit)
+    def _plan_prefill(self) -> list[int]:
+        """Prompt tokens to prefill this step for prefilling[0], [1], ...
+
+        The batch is right-padded, so it costs rows x longest chunk; that stays within
+        `prefill_chunk`. A prompt longer than that is prefilled alone, `prefill_chunk` tokens a
+        step; any other row in the batch gets its whole remaining prompt. So either every row
+        of the batch completes its prompt, or the batch is one partial row.
+        """
+        n, chunks, longest, last_start = len(self.running), [], 0, 0
+        for i, s in enumerate(self.prefilling):
+            start = int(self.cache.pos[n + i])
+            c = min(len(s.prompt_ids) - start, self.prefill_chunk)
+            wide = max(longest, c)
+            if chunks and ((len(chunks) + 1) * wide > self.prefill_chunk
+                           or max(last_start, start) + wide > self.max_context):  # padding must fit the row
+                break
+            chunks.append(c)
+            longest, last_start = wide, max(last_start, start)
+        return chunks
+
+    def _prefill_step(self) -> None:
+        n, chunks = len(self.running), self._plan_prefill()
+        m = len(chunks)
+        starts = self.cache.pos[n : n + m].clone()
+        tokens = torch.zeros(m, max(chunks), dtype=torch.long, device=self.device)
+        for i, (s, c) in enumerate(zip(self.prefilling, chunks)):
+            a = int(starts[i])
+            tokens[i, :c] = torch.tensor(s.prompt_ids[a : a + c])
+        lens = torch.tensor(chunks, device=self.device)
+        logits = self.model(tokens, cache=_row_view(self.cache, n, n + m), logits_at=lens - 1).logits[:, -1]
+        self.cache.pos[n : n + m] = starts + lens  # the padded tail is garbage that later writes overwrite
         if self.metrics is not None:
-            self.metrics.prompt_tokens.inc(int(lens.sum()))
-        self._sample_and_emit(logits, rows=range(n0, n0 + m))
+            self.metrics.prompt_tokens.inc(sum(chunks))
+        if int(self.cache.pos[n]) < len(self.prefilling[0].prompt_ids):
+            return  # one long prompt, not done yet
+        with self._cv:  # rows n..n+m-1 now hold whole prompts: they join the decode batch
+            done, self.prefilling = self.prefilling[:m], self.prefilling[m:]
+            self.running.extend(done)
+            self.streams.extend(TextStream(self.codec, s.params.stop) for s in done)
+        self._sample_and_emit(logits, rows=range(n, n + m))
 
     def _decode_step(self) -> None:
         n = len(self.running)
@@ -360,20 +392,38 @@ class Engine:
             self.running[r].finish_reason = reason
             self._free(r, None)
 
+    def _move_row(self, src: int, dst: int) -> None:
+        p = int(self.cache.pos[src])
+        for kv in (self.cache.k, self.cache.v):
+            for t in kv:
+                t[dst, :, :p] = t[src, :, :p]
+        self.cache.pos[dst] = p
+
     def _free(self, row: int, reason: str | None) -> None:
-        """Remove running[row]; move the last row into its place so rows stay contiguous."""
+        """Remove running[row]; refill rows so running and prefilling rows stay contiguous."""
         with self._cv:
             s = self.running[row]
             last = len(self.running) - 1
             if row != last:
-                p = int(self.cache.pos[last])
-                for kv in (self.cache.k, self.cache.v):
-                    for t in kv:
-                        t[row, :, :p] = t[last, :, :p]
-                self.cache.pos[row] = p
+                self._move_row(last, row)
                 self.running[row], self.streams[row] = self.running[last], self.streams[last]
             self.running.pop()
             self.streams.pop()
+            if self.prefilling:  # row `last` is now a hole before the prefilling rows
+                self._move_row(last + len(self.prefilling), last)
+                self.prefilling.insert(0, self.prefilling.pop())
+        self._finished(s, reason)
+
+    def _free_prefilling(self, i: int, reason: str) -> None:
+        with self._cv:
+            s, n, last = self.prefilling[i], len(self.running), len(self.prefilling) - 1
+            if i != last:
+                self._move_row(n + last, n + i)
+                self.prefilling[i] = self.prefilling[last]
+            self.prefilling.pop()
+        self._finished(s, reason)
+
+    def _finished(self, s: Sequence, reason: str | None) -> None:
         self._count_finished(reason or s.finish_reason)
         if reason is not None:
             s.finish_reason = reason

@@ -30,6 +30,8 @@ class ServeMetrics:
         )
         self.queue_depth = Gauge("moecoder_queue_depth", "Sequences waiting for a slot", registry=r)
         self.running = Gauge("moecoder_running_batch_size", "Sequences in the decode batch", registry=r)
+        self.prefilling = Gauge("moecoder_prefilling", "Sequences holding a row while their prompt is prefilled",
+                                registry=r)
         self.slots = Gauge("moecoder_slots", "KV-cache rows (maximum running batch)", registry=r)
         self.kv_used = Gauge("moecoder_kv_cache_used_tokens", "KV-cache positions holding live tokens", registry=r)
         self.kv_usage = Gauge("moecoder_kv_cache_usage_ratio", "Live KV-cache positions / capacity", registry=r)
@@ -38,6 +40,7 @@ class ServeMetrics:
         """Read the load gauges from `engine.stats()` at scrape time."""
         self.queue_depth.set_function(lambda: engine.stats()["waiting"])
         self.running.set_function(lambda: engine.stats()["running"])
+        self.prefilling.set_function(lambda: engine.stats()["prefilling"])
         self.slots.set_function(lambda: engine.slots)
         self.kv_used.set_function(lambda: engine.stats()["kv_used_tokens"])
 

@@ -61,6 +61,7 @@ def serve_cmd(
     max_context: int | None = typer.Option(None, help="Prompt + completion token limit (default: model max)."),
     max_queue: int = typer.Option(64, help="Most sequences waiting for a row; beyond it: 429 + Retry-After."),
     kv_budget_mb: float | None = typer.Option(None, help="Cap on KV-cache memory; lowers --max-batch to fit."),
+    prefill_chunk: int = typer.Option(512, help="Prompt tokens prefilled per step; longer prompts take several."),
     served_model_name: str | None = typer.Option(None, help="Model id clients send (default: folder name)."),
     dtype: str = typer.Option("float32", help="Weights and KV-cache dtype: float32, bfloat16, float16."),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda."),
@@ -75,7 +76,8 @@ def serve_cmd(
     if not 1 <= port <= 65535:
         raise UserError(f"--port must be in 1..65535, got {port}")
     engine, tok, ckpt = load_engine(model, dtype=dtype, device=device, threads=threads, max_batch=max_batch,
-                                    max_context=max_context, max_queue=max_queue, kv_budget_mb=kv_budget_mb)
+                                    max_context=max_context, max_queue=max_queue, kv_budget_mb=kv_budget_mb,
+                                    prefill_chunk=prefill_chunk)
     import uvicorn
 
     from .api import create_app
