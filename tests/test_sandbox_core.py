@@ -208,3 +208,13 @@ def test_run_passes_stdin_and_nested_files(sb):
     files = {"pkg/__init__.py": "VALUE = 'nested'", "main.py": "import sys, pkg\nprint(pkg.VALUE, len(sys.stdin.read()))"}
     res = sb.run([sb.python, "main.py"], files=files, stdin=b"x" * 300_000, limits=SandboxLimits(wall_s=20))
     assert res.returncode == 0 and res.stdout == b"nested 300000\n"
+
+
+def test_sandbox_recovers_when_the_zygote_dies(sb):
+    from moecoder.evals.sandbox.runner import _Zygote
+
+    zygote = _Zygote.get()
+    zygote.proc.kill()
+    zygote.proc.wait()
+    res = sb.run([sb.python, "-c", "print(5)"], limits=SandboxLimits(wall_s=20))
+    assert res.stdout == b"5\n" and _Zygote.get() is not zygote

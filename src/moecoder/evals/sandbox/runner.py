@@ -307,6 +307,24 @@ class _Zygote:
                 cls._instance = z = cls()
             return z
 
+    @classmethod
+    def spawn_any(cls, cfg: dict[str, Any], fds: list[int]) -> int:
+        """Spawn through the zygote, starting a new one if the old one is gone before it got the request
+        (never after: a request it received may already have forked a launcher)."""
+        zygote = cls.get()
+        try:
+            with zygote.lock:
+                socket.send_fds(zygote.sock, [json.dumps(cfg).encode()], fds)
+                reply = zygote.sock.recv(4096)
+        except (BrokenPipeError, ConnectionResetError):
+            with cls._class_lock:
+                if cls._instance is zygote:
+                    cls._instance = None
+            return cls.get().spawn(cfg, fds)
+        if not reply:
+            raise SandboxError("sandbox zygote exited")
+        return int(json.loads(reply)["pid"])
+
     def spawn(self, cfg: dict[str, Any], fds: list[int]) -> int:
         with self.lock:
             socket.send_fds(self.sock, [json.dumps(cfg).encode()], fds)
@@ -365,7 +383,7 @@ class Launched:
         err_r, err_w = os.pipe() if stderr else (None, os.open(os.devnull, os.O_WRONLY))
         child_ends = [in_r, out_w, err_w, st_w, sy_r]
         try:
-            pid = _Zygote.get().spawn(cfg, child_ends)
+            pid = _Zygote.spawn_any(cfg, child_ends)
         except BaseException:
             for fd in (in_w, out_r, err_r, self.st_r, self.sy_w):
                 if fd is not None:
