@@ -1,0 +1,94 @@
+"""Batch-1 greedy decode tokens/s: moecoder vs transformers' generate (and llama.cpp when available).
+
+Same random weights in both (an HF Mixtral folder written by transformers, loaded by moecoder).
+Also reports decode speed as a fraction of the memory-bandwidth roofline:
+roofline tok/s = measured copy bandwidth / bytes of weights read per token.
+
+    .venv/bin/python benchmarks/decode.py [--tokens 64] [--repeats 3] [--compile]
+
+llama.cpp: set LLAMA_BENCH=/path/to/llama-bench and LLAMA_CONVERT=/path/to/convert_hf_to_gguf.py
+(built from the llama-cpp-python source package); without them that column is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _reference import build_reference, copy_bandwidth, median_time, threads_note, weight_bytes_per_token  # noqa: E402
+
+from moecoder.generate import generate  # noqa: E402
+
+
+def llama_cpp_tok_s(ckpt_dir: Path, dtype: str, n_tokens: int) -> float | None:
+    bench, convert = os.environ.get("LLAMA_BENCH"), os.environ.get("LLAMA_CONVERT")
+    if not (bench and convert and Path(bench).exists() and Path(convert).exists()):
+        return None
+    out = Path(tempfile.mkdtemp()) / f"model-{dtype}.gguf"
+    subprocess.run([sys.executable, convert, str(ckpt_dir), "--outtype", dtype, "--outfile", str(out)],
+                   check=True, capture_output=True)
+    res = subprocess.run([bench, "-m", str(out), "-p", "0", "-n", str(n_tokens), "-t", str(os.cpu_count()), "-o", "json"],
+                         check=True, capture_output=True, text=True)
+    rows = json.loads(res.stdout)
+    shutil.rmtree(out.parent, ignore_errors=True)
+    return float(rows[0]["avg_ts"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--compile", action="store_true", help="also time moecoder with a torch.compile'd decode step")
+    args = ap.parse_args()
+
+    bw = copy_bandwidth()
+    print(f"# decode benchmark  ({threads_note()})  copy bandwidth {bw / 1e9:.1f} GB/s")
+    rows = []
+    for dtype, name in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
+        hf, ours, ckpt = build_reference(dtype)
+        ids = torch.randint(0, 32000, (1, args.prompt_len), generator=torch.Generator().manual_seed(1))
+        n = args.tokens
+
+        def run_hf():
+            with torch.inference_mode():
+                return hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+        def run_ours(compile=False):
+            return generate(ours, [ids[0].tolist()], n, compile=compile)
+
+        same = run_hf()[0, args.prompt_len:].tolist() == run_ours()[0].tokens
+        t_hf = median_time(run_hf, args.repeats)
+        t_ours = median_time(run_ours, args.repeats)
+        roof = bw / weight_bytes_per_token(ours, torch.finfo(dtype).bits // 8)
+        row = {"dtype": name, "hf": n / t_hf, "moecoder": n / t_ours, "roofline": roof, "same_tokens": same}
+        if args.compile:
+            row["moecoder_compiled"] = n / median_time(lambda: run_ours(True), args.repeats)
+        row["llama_cpp"] = llama_cpp_tok_s(ckpt, name, n)
+        rows.append(row)
+        shutil.rmtree(ckpt, ignore_errors=True)
+
+    print("| dtype | transformers tok/s | moecoder tok/s | ratio | % of roofline | roofline tok/s | llama.cpp tok/s | moecoder/llama.cpp | same greedy tokens |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        best = max(r["moecoder"], r.get("moecoder_compiled") or 0)
+        lc = r["llama_cpp"]
+        print(f"| {r['dtype']} | {r['hf']:.1f} | {best:.1f}{' (compiled)' if best != r['moecoder'] else ''} | "
+              f"{best / r['hf']:.2f}x | {100 * best / r['roofline']:.0f}% | {r['roofline']:.0f} | "
+              f"{'n/a' if lc is None else f'{lc:.1f}'} | {'n/a' if lc is None else f'{best / lc:.2f}'} | {r['same_tokens']} |")
+    print(f"\nreproduce: .venv/bin/python benchmarks/decode.py --tokens {args.tokens} --repeats {args.repeats}"
+          + (" --compile" if args.compile else ""))
+
+
+if __name__ == "__main__":
+    main()
