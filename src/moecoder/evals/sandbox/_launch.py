@@ -180,8 +180,9 @@ def serve_inline(cfg: dict) -> None:
     """Run the function-call server in this (now contained) process instead of exec'ing an interpreter:
     it saves a Python start per sample. Candidate code then sees the standard library only (-I -S)."""
     L.clear_capabilities()  # no execve follows, so nothing else would drop them
-    if any(int(line.split()[1], 16) for line in open("/proc/self/status") if line.startswith("Cap")):
-        raise RuntimeError("capabilities still present")
+    with open("/proc/self/status") as f:
+        if any(int(line.split()[1], 16) for line in f if line.startswith("Cap")):
+            raise RuntimeError("capabilities still present")
     os.environ.clear()
     os.environ.update(cfg["env"])
     import _server

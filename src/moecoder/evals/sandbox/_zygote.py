@@ -16,11 +16,11 @@ import socket
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _codec  # noqa: E402,F401  (warm imports, shared by every fork)
-import _landlock  # noqa: E402,F401
-import _launch  # noqa: E402
-import _seccomp  # noqa: E402,F401
-import _server  # noqa: E402,F401
+import _codec  # noqa: F401  (warm imports, shared by every fork)
+import _landlock  # noqa: F401
+import _launch
+import _seccomp  # noqa: F401
+import _server  # noqa: F401
 
 
 def serve(sock: socket.socket) -> None:
