@@ -348,6 +348,7 @@ def test_cli_trains_logs_evaluates_and_plots(tmp_path):
         (["--schedule", "linear"], "--schedule must be one of"),
         (["--data", "/nonexistent"], "data folder not found"),
         (["--seq-len", "4096"], "exceeds the model's max_seq_len"),
+        (["--config", "vocab.yaml"], "tokenizer has 256 tokens but the model's vocab_size is 100"),
     ],
 )
 def test_cli_bad_input_is_one_line(tmp_path, monkeypatch, capsys, args, message):
@@ -355,6 +356,8 @@ def test_cli_bad_input_is_one_line(tmp_path, monkeypatch, capsys, args, message)
 
     data = write_token_dir(tmp_path / "data", n_train=600, n_val=200)
     (tmp_path / "tiny.yaml").write_text(TINY_YAML)
+    (tmp_path / "vocab.yaml").write_text(TINY_YAML + "  vocab_size: 100\n")
+    args = [str(tmp_path / a) if a.endswith(".yaml") else a for a in args]
     base = ["--config", str(tmp_path / "tiny.yaml"), "--data", str(data), "--out", str(tmp_path / "o"),
             "--batch-size", "8", "--seq-len", "8", "--steps", "2"]
     monkeypatch.setattr(sys, "argv", ["moecoder", "train", *base, *args])

@@ -383,6 +383,10 @@ def train(
     model = Transformer(model_cfg)
     model.init_weights(seed=cfg.seed)
     loader = loader_factory("train", seq_len=cfg.seq_len, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
+    data_vocab = getattr(loader, "vocab_size", None)
+    if data_vocab is not None and data_vocab > model_cfg.vocab_size:
+        raise TrainConfigError(f"the data's tokenizer has {data_vocab} tokens but the model's vocab_size is "
+                               f"{model_cfg.vocab_size}; set vocab_size in the config's model section")
 
     def log(msg: str) -> None:
         if info.is_main:
