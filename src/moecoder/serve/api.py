@@ -36,8 +36,6 @@ class ChatCodec(Protocol):
 
     def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]: ...
 
-    def stream_decoder(self): ...
-
 
 class APIError(Exception):
     """An error answered to the client as an OpenAI-style body."""

@@ -15,9 +15,10 @@ def UserError(message: str) -> Exception:
 
     return _UserError(message)
 
+
 bench_app = typer.Typer(help="Measure serving throughput and cost.", no_args_is_help=True)
 
-_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def load_engine(model_dir: Path, *, dtype: str = "float32", device: str = "cpu", threads: int | None = None,
