@@ -4,6 +4,7 @@ DDP trains the debug preset; FSDP2 trains a MiniMax-shaped debug model with aux-
 (expert loads all-reduced across ranks), stopping after step 3 and resuming.
 """
 
+import io
 import json
 import subprocess
 import sys
@@ -11,10 +12,12 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train_loop import cli_env, write_token_dir
+from test_train_loop import cli_env, factory, write_token_dir
 
 from moecoder.cli import main
+from moecoder.config import get_preset
 from moecoder.train import state as S
+from moecoder.train.loop import TrainConfig, train
 
 STEPS = 5
 
@@ -62,16 +65,11 @@ def single_runs(tmp_path_factory):
     def get(config):
         if config not in runs:
             out = tmp / f"run-{len(runs)}"
-            n = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                with pytest.MonkeyPatch.context() as mp:
-                    mp.setattr(sys, "argv", ["moecoder", *_args(config, data, out, 1)])
-                    with pytest.raises(SystemExit) as exc:
-                        main()
-                    assert exc.value.code in (0, None)
-            finally:
-                torch.set_num_threads(n)
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(sys, "argv", ["moecoder", *_args(config, data, out, 1)])
+                with pytest.raises(SystemExit) as exc:
+                    main()
+                assert exc.value.code in (0, None)
             runs[config] = (data, _records(out), _weights(out))
         return runs[config]
 
@@ -116,3 +114,11 @@ def test_two_gloo_ranks_match_one_process(single_runs, tmp_path, parallel):
     assert weights.keys() == ref_weights.keys()
     for name, w in weights.items():
         torch.testing.assert_close(w, ref_weights[name], rtol=1e-4, atol=1e-4, msg=lambda m: f"{parallel} {name}: {m}")
+    if parallel == "ddp":
+        # A 2-rank checkpoint resumes in one process (same global batch, same data position).
+        log = io.StringIO()
+        cfg = TrainConfig(steps=STEPS + 1, batch_size=4, micro_batch=1, seq_len=16, warmup=2, lr=3e-3,
+                          eval_every=0, keep=1, device="cpu")
+        res = train(cfg, get_preset("debug"), out, loader_factory=factory(data), stream=log)
+        assert f"step_{STEPS:08d} at step {STEPS}" in log.getvalue() and "written by 2 ranks" in log.getvalue()
+        assert res["step"] == STEPS + 1 and abs(res["loss"] - got[-1]["loss"]) < 0.5

@@ -32,15 +32,6 @@ model:
 """
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two cores shared by many test workers: more threads per process only add contention.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_cfg(**kw):
     return get_preset("debug").replace(ffn_dim=64, norm_topk=True, **kw)
 

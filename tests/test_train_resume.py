@@ -19,14 +19,6 @@ from moecoder.train.loop import TrainConfig, train
 STEPS = 24
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _cmd(data, out):
     return [sys.executable, "-m", "moecoder", "train", "--config", "debug", "--data", str(data), "--out", str(out),
             "--steps", str(STEPS), "--batch-size", "4", "--micro-batch", "2", "--seq-len", "16", "--warmup", "3",

@@ -404,8 +404,10 @@ def train(
             raise TrainConfigError(f"checkpoint {ckpt} was trained with a different model config; "
                                    f"use another --out or --no-resume")
         if state["world_size"] != info.world_size:
-            raise TrainConfigError(f"checkpoint {ckpt} was written by {state['world_size']} ranks, "
-                                   f"this run has {info.world_size}; resume with the same world size")
+            # Allowed: the optimizer state is unsharded and the loader position counts global windows,
+            # so the run continues on the same data; only bitwise equality with the old layout is lost.
+            log(f"note: checkpoint {ckpt} was written by {state['world_size']} ranks, this run has "
+                f"{info.world_size}")
         S.load_model_weights(model, ckpt)
 
     model.to(info.device)
@@ -418,7 +420,7 @@ def train(
         _load_optimizer_state(model, optimizer, state["optimizer"], info)
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        mine = state["ranks"][info.rank]
+        mine = state["ranks"][min(info.rank, len(state["ranks"]) - 1)]
         loader.load_state_dict(mine["loader"])
         S.set_rng_state(mine["rng"])
         start = int(state["step"])
