@@ -6,6 +6,8 @@ One generation runs at a time on the shared model; concurrency > 1 only queues r
 
 from __future__ import annotations
 
+import hashlib
+
 import threading
 import time
 from pathlib import Path
@@ -40,7 +42,10 @@ class LocalBackend:
         except (CheckpointError, TokenizerError, OSError) as e:
             raise BackendError(f"cannot load model from {folder}: {e}") from None
         self.folder = folder
-        self.model = folder.name
+        # The weights' fingerprint is part of the model's identity, so a retrained checkpoint in the
+        # same folder never reuses cached generations or verdicts of the old one.
+        self.weights_sha256 = _weights_fingerprint(folder)
+        self.model = f"{folder.name}@{self.weights_sha256[:12]}"
         self.chat = chat and self.tokenizer.has_chat_template
         self.device, self.dtype = device, dtype
         self._ckpt = ckpt
@@ -52,7 +57,7 @@ class LocalBackend:
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "model": self.model, "path": str(self.folder), "chat_template": self.chat,
-                "device": self.device, "dtype": self.dtype}
+                "device": self.device, "dtype": self.dtype, "weights_sha256": self.weights_sha256}
 
     def close(self) -> None:
         pass
@@ -88,3 +93,14 @@ class LocalBackend:
                 return Generation("", time.monotonic() - t0, None, len(ids), 0, False, error=f"generation: {e}")
             latency = time.monotonic() - t0
         return Generation("".join(pieces), latency, ttft, len(ids), n_out, False, extra={"finish_reason": finish})
+
+
+def _weights_fingerprint(folder: Path) -> str:
+    """sha256 over config.json and every safetensors file of the folder (name and content)."""
+    h = hashlib.sha256()
+    for f in sorted([folder / "config.json", *folder.glob("*.safetensors")]):
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
