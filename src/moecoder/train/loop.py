@@ -286,6 +286,15 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
+def _grad_scaler(info: D.DistInfo):
+    if info.parallel_sharded:
+        # Ranks hold different gradient shards: the inf/nan check must be agreed across ranks.
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler("cuda")
+    return torch.amp.GradScaler("cuda")
+
+
 def _split(x_BT: torch.Tensor, y_BT: torch.Tensor, micro: int, device: torch.device):
     return [(x.to(device), y.to(device)) for x, y in zip(x_BT.split(micro), y_BT.split(micro))]
 
@@ -414,7 +423,7 @@ def train(
     model = D.wrap_model(model, cfg.parallel, info)
     model.train()
     optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
-    scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+    scaler = _grad_scaler(info) if cfg.precision == "fp16" else None
     start = 0
     if state is not None:
         _load_optimizer_state(model, optimizer, state["optimizer"], info)
