@@ -15,8 +15,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-run: setup
-	$(VENV)/bin/moecoder demo
+# The main job: sizing of the review's 270B/40B model class and a streamed completion (`demo`),
+# then the bundled model evaluated like the review did (its three workflows and HumanEval) with a
+# review-style report. Results resume from runs/main/<weights hash>/ if interrupted.
+MAIN := runs/main/$(shell sha256sum src/moecoder/assets/default-model/model.safetensors 2>/dev/null | cut -c1-12)
+MC := $(VENV)/bin/moecoder
+
+run: setup system-deps
+	$(MC) demo
+	$(MC) eval run --suite workflows --backend local --allow-exec --out $(MAIN)/workflows
+	$(MC) eval run --suite humaneval --backend local --allow-exec --out $(MAIN)/humaneval
+	$(MC) eval compare $(MAIN)/workflows $(MAIN)/humaneval --review --html $(MAIN)/report.html
+	@echo "HTML report: $(MAIN)/report.html"
 
 # System packages some tests need (PostgreSQL for the pipeline workflow, bubblewrap for the sandbox).
 system-deps:

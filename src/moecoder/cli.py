@@ -40,6 +40,13 @@ def main() -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except ValueError as e:
+        # moecoder's own input errors (ConfigError, CheckpointError, DataError, ...) are one line for
+        # the user; any other ValueError is a bug and keeps its traceback.
+        if not type(e).__module__.startswith("moecoder."):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
