@@ -295,7 +295,7 @@ class Engine:
         if any(s.cancelled for s in self.waiting):
             for s in self.waiting:
                 if s.cancelled:
-                    self._count_finished("cancelled")
+                    self._finished(s, "cancelled")
             self.waiting = collections.deque(s for s in self.waiting if not s.cancelled)
         # Highest index first: the row moved into a freed one has already been checked.
         for i in reversed(range(len(self.prefilling))):
