@@ -202,3 +202,10 @@ def test_text_generation_stop_strings_and_streaming(text_setup):
             finishes[b] = finish
     assert streamed == [c.text for c in cut]
     assert finishes == {0: "stop", 1: cut[1].finish_reason}
+
+
+def test_tiny_temperature_and_top_p_sample_the_argmax():
+    logits = torch.tensor([[0.0, 5.0, 1.0, -3.0], [2.0, 0.0, 1.0, 0.5]])
+    gens = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
+    for params in (SamplingParams(temperature=1e-30, seed=0), SamplingParams(temperature=1.0, top_p=1e-50, seed=0)):
+        assert sample(logits, params, gens).tolist() == [1, 0]

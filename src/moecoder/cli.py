@@ -13,8 +13,7 @@ import typer
 app = typer.Typer(help="moecoder: Mixture-of-Experts code models.", no_args_is_help=True, add_completion=False)
 
 
-class UserError(Exception):
-    """An error caused by the user's input: printed as one line, exit code 2."""
+from .errors import UserError  # noqa: F401  (re-exported: commands raise moecoder.cli.UserError)
 
 
 # --- registrations (one line per area) ---

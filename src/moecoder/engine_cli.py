@@ -16,7 +16,7 @@ from pathlib import Path
 import typer
 from typer.core import TyperCommand
 
-from .cli import UserError
+from .errors import UserError
 from .config import PRESETS
 
 DTYPES = ("float32", "bfloat16", "float16")

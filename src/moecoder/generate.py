@@ -63,7 +63,9 @@ def sample(logits_BV: torch.Tensor, params: SamplingParams,
     """Pick one token per row [B] from logits [B, V]: greedy, or temperature/top-k/top-p sampling."""
     if params.temperature == 0:
         return logits_BV.argmax(dim=-1)
-    logits = logits_BV.float() / params.temperature
+    # Shift by the max first: with a tiny temperature the division then gives 0 and -inf, never inf - inf.
+    logits = logits_BV.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / params.temperature
     if params.top_k is not None and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -72,6 +74,7 @@ def sample(logits_BV: torch.Tensor, params: SamplingParams,
         sorted_p, order = probs.sort(dim=-1, descending=True)
         # Drop a token when the tokens ranked above it already cover top_p (the first always stays).
         drop_sorted = (sorted_p.cumsum(-1) - sorted_p) >= params.top_p
+        drop_sorted[..., 0] = False  # a top_p below float32 resolution must not drop every token
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         probs = probs.masked_fill(drop, 0.0)
     gens = generators if generators is not None else [None] * probs.shape[0]

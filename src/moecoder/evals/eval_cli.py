@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from moecoder.cli import UserError
+from moecoder.errors import UserError
 
 app = typer.Typer(help="Evaluate models: run suites, write reports, compare runs.", no_args_is_help=True)
 

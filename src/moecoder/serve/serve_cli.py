@@ -11,7 +11,7 @@ import typer
 
 def UserError(message: str) -> Exception:
     """moecoder.cli.UserError, imported late: cli.py imports this module to register it."""
-    from ..cli import UserError as _UserError
+    from ..errors import UserError as _UserError
 
     return _UserError(message)
 

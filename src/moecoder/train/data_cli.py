@@ -17,7 +17,7 @@ tokenizer_app = typer.Typer(help="Train tokenizers.", no_args_is_help=True)
 
 def _user_errors(fn):
     """Run fn, turning data errors into the CLI's one-line UserError."""
-    from moecoder.cli import UserError
+    from moecoder.errors import UserError
     from moecoder.train.data import DataError
 
     try:

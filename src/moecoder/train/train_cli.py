@@ -20,7 +20,7 @@ from typing import Any
 
 import typer
 
-from ..cli import UserError
+from ..errors import UserError
 
 
 def _load_config(spec: str) -> tuple[Any, dict[str, Any]]:
