@@ -10,6 +10,7 @@ Also prints the achieved matmul GFLOP/s (2 x active non-embedding params x token
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -17,10 +18,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _reference import build_reference, median_time, threads_note  # noqa: E402
+from _reference import build_reference, median_time, threads_note
 
-from moecoder.generate import prefill  # noqa: E402
-from moecoder.model import KVCache  # noqa: E402
+from moecoder.generate import prefill
+from moecoder.model import KVCache
 
 
 def active_matmul_params(model) -> int:
@@ -34,6 +35,30 @@ def active_matmul_params(model) -> int:
     return total
 
 
+def measure(dtype: torch.dtype, name: str, args) -> dict:
+    """One table row: transformers and moecoder prefill times for one dtype."""
+    hf, ours, ckpt = build_reference(dtype)
+    cfg = ours.cfg
+    ids = torch.randint(0, cfg.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(1))
+    lengths = torch.tensor([args.tokens])
+
+    def run_hf():
+        with torch.inference_mode():
+            return hf(ids, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+    def run_ours():
+        with torch.inference_mode():
+            cache = KVCache(cfg, 1, args.tokens + 1, dtype)
+            return prefill(ours, ids, lengths, cache)
+
+    diff = (run_hf().float() - run_ours().float()).abs().max().item()
+    t_hf = median_time(run_hf, args.repeats)
+    t_ours = median_time(run_ours, args.repeats)
+    flops = 2 * active_matmul_params(ours) * args.tokens
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return {"dtype": name, "hf": t_hf, "ours": t_ours, "gflops": flops / t_ours / 1e9, "diff": diff}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=512)
@@ -41,34 +66,14 @@ def main() -> None:
     args = ap.parse_args()
 
     print(f"# prefill benchmark  ({threads_note()})  prompt {args.tokens} tokens, batch 1")
-    rows = []
-    for dtype, name in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
-        hf, ours, ckpt = build_reference(dtype)
-        cfg = ours.cfg
-        ids = torch.randint(0, cfg.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(1))
-        lengths = torch.tensor([args.tokens])
-
-        def run_hf():
-            with torch.inference_mode():
-                return hf(ids, use_cache=True, logits_to_keep=1).logits[:, -1]
-
-        def run_ours():
-            with torch.inference_mode():
-                cache = KVCache(cfg, 1, args.tokens + 1, dtype)
-                return prefill(ours, ids, lengths, cache)
-
-        diff = (run_hf().float() - run_ours().float()).abs().max().item()
-        t_hf = median_time(run_hf, args.repeats)
-        t_ours = median_time(run_ours, args.repeats)
-        flops = 2 * active_matmul_params(ours) * args.tokens
-        rows.append({"dtype": name, "hf": t_hf, "ours": t_ours, "gflops": flops / t_ours / 1e9, "diff": diff})
-        shutil.rmtree(ckpt, ignore_errors=True)
+    rows = [measure(dtype, name, args) for dtype, name in ((torch.float32, "f32"), (torch.bfloat16, "bf16"))]
 
     print("| dtype | transformers s | moecoder s | speed ratio | moecoder tok/s | moecoder GFLOP/s | max abs logit diff |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['dtype']} | {r['hf']:.4f} | {r['ours']:.4f} | {r['hf'] / r['ours']:.2f}x | "
               f"{args.tokens / r['ours']:.0f} | {r['gflops']:.0f} | {r['diff']:.2e} |")
+    print(f"\nload average {os.getloadavg()[0]:.1f} (shared machine: compare ratios within one run)")
     print(f"\nreproduce: .venv/bin/python benchmarks/prefill.py --tokens {args.tokens} --repeats {args.repeats}")
 
 
