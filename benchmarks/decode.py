@@ -3,8 +3,9 @@
 Same random weights in both (an HF Mixtral folder written by transformers, loaded by moecoder).
 Also reports decode speed as a fraction of the memory-bandwidth roofline:
 roofline tok/s = measured copy bandwidth / bytes of weights read per token.
-bf16 rows run bf16 weights and bf16 matmuls (the CPU kernels accumulate in fp32); norms, rotary tables
-and router math run in fp32 as in the reference implementations. Nothing is converted behind the scenes.
+bf16 rows keep bf16 weights and run bf16 matmuls (the CPU kernels accumulate in fp32; the compiled
+MoE step's fused gather-multiply-sum too); RMSNorm statistics, rotary angles and router scores are
+computed in fp32 as in the reference implementations. No weight is converted to another dtype.
 
     .venv/bin/python benchmarks/decode.py [--tokens 64] [--repeats 3] [--compile]
 
