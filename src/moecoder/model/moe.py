@@ -109,11 +109,14 @@ class GroupedExperts(nn.Module):
             h = torch._grouped_mm(x_sorted_MC, self.w13.transpose(1, 2), offs=offs)
             gate, up = h.chunk(2, dim=-1)
             return torch._grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs=offs)
-        outs, start = [], 0
-        for e, n in enumerate(counts_E):
-            if n:
-                outs.append(self.expert(e, x_sorted_MC[start : start + n]))
-                start += n
+        # unbind/split once: indexing self.w13[e] per expert would make autograd build a zero-filled
+        # full-size gradient for every expert in backward (measured ~1.7x slower training steps).
+        w13s, w2s = self.w13.unbind(0), self.w2.unbind(0)
+        outs = []
+        for e, x_nC in enumerate(x_sorted_MC.split(counts_E)):
+            if x_nC.shape[0]:
+                gate, up = F.linear(x_nC, w13s[e]).chunk(2, dim=-1)
+                outs.append(F.linear(F.silu(gate) * up, w2s[e]))
         return torch.cat(outs) if outs else x_sorted_MC.new_zeros(x_sorted_MC.shape)
 
 
