@@ -101,6 +101,12 @@ def build_root(cfg: dict, bind_fds: list[tuple[int, str]]) -> None:
     for link, dest in cfg["symlinks"]:  # e.g. /bin -> usr/bin on merged-/usr systems
         os.makedirs(os.path.dirname(root + link), exist_ok=True)
         os.symlink(dest, root + link)
+    # Scratch tmpfs first, read-only binds after: a bound tree that lives under /tmp (a venv or a
+    # checkout there) must stay visible on top of the sample's private /tmp.
+    opts = f"uid={SANDBOX_ID},gid={SANDBOX_ID},mode=0755"
+    for path, size in ((WORK, lim["disk_mb"]), ("/tmp", lim["disk_mb"]), ("/dev/shm", 16)):
+        os.makedirs(root + path, exist_ok=True)
+        L.mount("tmpfs", root + path, "tmpfs", L.MS_NOSUID | L.MS_NODEV, f"size={size}m,nr_inodes=4096,{opts}")
     for fd, src in bind_fds:
         _bind_ro(fd, src, root + src)
     for dev in ("null", "zero", "full", "random", "urandom"):
@@ -110,10 +116,6 @@ def build_root(cfg: dict, bind_fds: list[tuple[int, str]]) -> None:
     for name, dest in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                        ("stderr", "/proc/self/fd/2")):
         os.symlink(dest, f"{root}/dev/{name}")
-    opts = f"uid={SANDBOX_ID},gid={SANDBOX_ID},mode=0755"
-    for path, size in ((WORK, lim["disk_mb"]), ("/tmp", lim["disk_mb"]), ("/dev/shm", 16)):
-        os.makedirs(root + path, exist_ok=True)
-        L.mount("tmpfs", root + path, "tmpfs", L.MS_NOSUID | L.MS_NODEV, f"size={size}m,nr_inodes=4096,{opts}")
     os.makedirs(root + "/proc", exist_ok=True)
     L.mount("proc", root + "/proc", "proc", L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC)
     for hidden in cfg["hide"]:  # data the sample must not read, inside a bound tree
