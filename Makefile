@@ -17,14 +17,15 @@ $(STAMP): pyproject.toml
 
 # The main job: sizing of the review's 270B/40B model class and a streamed completion (`demo`),
 # then the bundled model evaluated like the review did (its three workflows and HumanEval) with a
-# review-style report. Results resume from runs/main/<weights hash>/ if interrupted.
+# review-style report. Results resume from runs/main/<weights hash>/ if interrupted. Local cost is
+# priced at $$0.10/hour (about a 2-vCPU cloud VM; set your own with moecoder eval run --usd-per-hour).
 MAIN := runs/main/$(shell sha256sum src/moecoder/assets/default-model/model.safetensors 2>/dev/null | cut -c1-12)
 MC := $(VENV)/bin/moecoder
 
 run: setup system-deps
 	$(MC) demo
-	$(MC) eval run --suite workflows --backend local --allow-exec --out $(MAIN)/workflows
-	$(MC) eval run --suite humaneval --backend local --allow-exec --out $(MAIN)/humaneval
+	$(MC) eval run --suite workflows --backend local --usd-per-hour 0.10 --allow-exec --out $(MAIN)/workflows
+	$(MC) eval run --suite humaneval --backend local --template completion@1 --usd-per-hour 0.10 --allow-exec --out $(MAIN)/humaneval
 	$(MC) eval compare $(MAIN)/workflows $(MAIN)/humaneval --review --html $(MAIN)/report.html
 	@echo "HTML report: $(MAIN)/report.html"
 

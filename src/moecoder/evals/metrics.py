@@ -35,7 +35,10 @@ def wilson_ci(successes: int, n: int, z: float = 1.959963984540054) -> tuple[flo
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # At p = 0 (or 1) the exact bound is 0 (or 1); floating point leaves a ~1e-17 residue otherwise.
+    lo = 0.0 if successes == 0 else max(0.0, centre - half)
+    hi = 1.0 if successes == n else min(1.0, centre + half)
+    return (lo, hi)
 
 
 def bootstrap_mean_ci(values: Sequence[float], level: float = 0.95, resamples: int = 2000, seed: int = 0):

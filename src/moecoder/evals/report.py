@@ -215,7 +215,8 @@ def plots(runs: list[RunSummary], review: bool = False) -> dict[str, str]:
                                      ("logical_correctness", "logical correctness")]):
         vals = [s.overall[key] or 0.0 for s in runs]
         cis = [s.overall[f"{key}_ci"] or (v, v) for s, v in zip(runs, vals)]
-        err = [[v - lo for v, (lo, _) in zip(vals, cis)], [hi - v for v, (_, hi) in zip(vals, cis)]]
+        # Clamp: rounding can put a bound a hair on the wrong side of the value (matplotlib rejects that).
+        err = [[max(0.0, v - lo) for v, (lo, _) in zip(vals, cis)], [max(0.0, hi - v) for v, (_, hi) in zip(vals, cis)]]
         ax.bar([i + 0.27 * (j - 1) for i in range(len(runs))], vals, 0.27, yerr=err, capsize=3, label=name)
     ax.set_xticks(range(len(runs)), labels, fontsize=7)
     ax.set_ylim(0, 1.05)
