@@ -33,14 +33,30 @@ from _reference import build_reference, copy_bandwidth, median_time, threads_not
 from moecoder.generate import generate
 
 
+def _write_sentencepiece_vocab(ckpt_dir: Path) -> None:
+    """llama.cpp's converter needs a tokenizer; the reference model has random weights and none. A tiny
+    sentencepiece model (padded by the converter to the model's 32000 ids) makes the folder convertible;
+    it does not change what is timed (token ids in, token ids out)."""
+    import sentencepiece as spm  # benchmark-only dependency
+
+    text = Path(tempfile.mkdtemp()) / "text.txt"
+    text.write_text("\n".join(Path(json.__file__).read_text().splitlines() * 20))
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(ckpt_dir / "tokenizer"), vocab_size=300,
+                                   model_type="bpe", minloglevel=2)
+    shutil.rmtree(text.parent, ignore_errors=True)
+
+
 def llama_cpp_tok_s(ckpt_dir: Path, dtype: str, n_tokens: int) -> float | None:
     bench, convert = os.environ.get("LLAMA_BENCH"), os.environ.get("LLAMA_CONVERT")
     if not (bench and convert and Path(bench).exists() and Path(convert).exists()):
         return None
+    if not (ckpt_dir / "tokenizer.model").exists():
+        _write_sentencepiece_vocab(ckpt_dir)
     out = Path(tempfile.mkdtemp()) / f"model-{dtype}.gguf"
     subprocess.run([sys.executable, convert, str(ckpt_dir), "--outtype", dtype, "--outfile", str(out)],
                    check=True, capture_output=True)
-    res = subprocess.run([bench, "-m", str(out), "-p", "0", "-n", str(n_tokens), "-t", str(os.cpu_count()), "-o", "json"],
+    threads = str(torch.get_num_threads())  # the same thread count as the torch columns
+    res = subprocess.run([bench, "-m", str(out), "-p", "0", "-n", str(n_tokens), "-t", threads, "-o", "json"],
                          check=True, capture_output=True, text=True)
     rows = json.loads(res.stdout)
     shutil.rmtree(out.parent, ignore_errors=True)
