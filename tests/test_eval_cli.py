@@ -135,3 +135,17 @@ def test_bad_input_is_one_clear_error(args, msg, tmp_path, fakes, monkeypatch):
 def test_report_of_a_non_run_is_an_error(tmp_path):
     res = CliRunner().invoke(app, ["eval", "report", str(tmp_path)])
     assert isinstance(res.exception, UserError) and "not a run directory" in str(res.exception)
+
+
+def test_base_model_without_chat_template_gets_the_completion_template(tmp_path):
+    """The bundled model has no chat template: HumanEval defaults to continuing the function."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "moecoder", "eval", "run", "--suite", "humaneval", "--backend", "local",
+                          "--limit", "2", "--max-tokens", "16", "--generate-only", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert json.loads((out / "run.json").read_text())["template_id"] == "completion@1"
