@@ -24,14 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..checkpoint import CheckpointError  # one error type for model and training checkpoints
+
 MANIFEST = "manifest.json"
 TRAIN_STATE = "train_state.pt"
 MODEL_DIR = "model"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete or corrupt; the message names the folder and the reason."""
 
 
 def checkpoint_root(out_dir: str | Path) -> Path:
