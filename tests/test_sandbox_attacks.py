@@ -170,6 +170,35 @@ def test_no_network_loopback_listener_sees_nothing(sb):
         listener.close()
 
 
+def test_loopback_tcp_sandbox_reaches_only_its_private_loopback():
+    """loopback_tcp (for gloo in the training-loop workflow): TCP works inside the sample's own network
+    namespace, while a listener on the host's 127.0.0.1 stays unreachable and sees nothing."""
+    sb_tcp = Sandbox(min_tier=IsolationTier.NAMESPACES, opt_in=True, loopback_tcp=True)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(0.5)
+    port = listener.getsockname()[1]
+    try:
+        res = run_py(sb_tcp, f"""
+        import socket
+        srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(1)
+        c = socket.create_connection(srv.getsockname(), timeout=2); a, _ = srv.accept(); c.sendall(b"ok")
+        print("private", a.recv(2).decode())
+        try:
+            socket.create_connection(("127.0.0.1", {port}), timeout=1)
+            print("HOST CONNECTED")
+        except OSError as e:
+            print("host refused", e)
+        """)
+        assert b"private ok" in res.stdout and b"host refused" in res.stdout, res.stderr
+        assert b"HOST CONNECTED" not in res.stdout
+        with pytest.raises(socket.timeout):
+            listener.accept()
+    finally:
+        listener.close()
+
+
 def test_writes_outside_the_work_dir_do_not_reach_the_host(sb, tmp_path):
     os.chmod(tmp_path, 0o777)  # even a world-writable host dir must stay untouched
     targets = [str(tmp_path / "owned.txt"), f"/tmp/moecoder-attack-{uuid.uuid4().hex}",

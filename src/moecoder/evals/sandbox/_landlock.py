@@ -43,7 +43,7 @@ def abi_version() -> int:
     return max(int(v), 0)
 
 
-def restrict(read_paths: list[str], write_paths: list[str], write_files: list[str]) -> int:
+def restrict(read_paths: list[str], write_paths: list[str], write_files: list[str], block_tcp: bool = True) -> int:
     """Allow read+exec under `read_paths`, everything under `write_paths`, read/write on `write_files`;
     deny all other filesystem access, TCP bind/connect and signals to processes outside. Returns the ABI."""
     abi = abi_version()
@@ -53,7 +53,7 @@ def restrict(read_paths: list[str], write_paths: list[str], write_files: list[st
     attr = _RulesetAttr(fs, 0, 0)
     size = 8
     if abi >= 4:
-        attr.handled_access_net, size = NET_BIND_TCP | NET_CONNECT_TCP, 16
+        attr.handled_access_net, size = (NET_BIND_TCP | NET_CONNECT_TCP) if block_tcp else 0, 16
     if abi >= 6:
         attr.scoped, size = SCOPE_ABSTRACT_UNIX | SCOPE_SIGNAL, 24
     rfd = syscall(_SYS_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))

@@ -133,12 +133,28 @@ def build_root(cfg: dict, bind_fds: list[tuple[int, str]]) -> None:
     L.mount(None, "/", None, L.MS_BIND | L.MS_REMOUNT | L.MS_RDONLY | L.MS_NOSUID | L.MS_NODEV)
 
 
+def _loopback_up() -> None:
+    """Bring up `lo` in the sample's own network namespace (it starts down). Only that private loopback
+    exists there: no route to the host's interfaces or its 127.0.0.1."""
+    import fcntl
+    import socket
+    import struct
+
+    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifr = fcntl.ioctl(s, siocgifflags, struct.pack("16sH14x", b"lo", 0))
+        flags = struct.unpack("16sH14x", ifr)[1]
+        fcntl.ioctl(s, siocsifflags, struct.pack("16sH14x", b"lo", flags | iff_up))
+
+
 def init_main(cfg: dict, inputs: list, bind_fds: list[tuple[int, str]]) -> None:
     """Child side: finish containment and exec the sample. Never returns."""
     try:
         ns = cfg["namespaces"]
         if ns:
             build_root(cfg, bind_fds)
+            if cfg.get("loopback_tcp"):
+                _loopback_up()
             for fd, _src in bind_fds:
                 os.close(fd)
             cwd = WORK
@@ -158,13 +174,14 @@ def init_main(cfg: dict, inputs: list, bind_fds: list[tuple[int, str]]) -> None:
         if ns and cfg["landlock"]:
             import _landlock
             _landlock.restrict(read_paths=["/"], write_paths=[WORK, "/tmp", "/dev/shm"],
-                               write_files=["/dev/null", "/dev/zero", "/dev/full"])
+                               write_files=["/dev/null", "/dev/zero", "/dev/full"],
+                               block_tcp=not cfg.get("loopback_tcp"))
         L.prctl(L.PR_SET_NO_NEW_PRIVS, 1)
         if ns:
             L.drop_bounding_set()
         if ns and cfg["seccomp"]:
             import _seccomp
-            _seccomp.install()
+            _seccomp.install(allow_inet=bool(cfg.get("loopback_tcp")))
         set_limits(cfg["limits"])
         os.setsid()  # own session: group signals from the sample reach only its own processes
         L.prctl(L.PR_SET_PDEATHSIG, signal.SIGKILL)  # launcher gone -> sample gone (and its namespace)

@@ -29,7 +29,7 @@ _SOCKET = {"x86_64": 41, "aarch64": 198}
 _CLONE = {"x86_64": 56, "aarch64": 220}
 _CLONE3 = 435
 _CLONE_NEW_MASK = 0x7E020080  # CLONE_NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET|NEWTIME
-_AF_UNIX, _EPERM, _ENOSYS, _EAFNOSUPPORT = 1, 1, 38, 97
+_AF_UNIX, _AF_INET, _AF_INET6, _AF_NETLINK, _EPERM, _ENOSYS, _EAFNOSUPPORT = 1, 2, 10, 16, 1, 38, 97
 
 _LD_W_ABS, _JEQ_K, _JGE_K, _JSET_K, _RET_K = 0x20, 0x15, 0x35, 0x45, 0x06
 _RET_ALLOW, _RET_KILL_PROCESS, _RET_ERRNO = 0x7FFF0000, 0x80000000, 0x00050000
@@ -44,8 +44,9 @@ def _ins(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
     return struct.pack("HBBI", code, jt, jf, k)
 
 
-def program() -> bytes:
-    """The filter as raw `struct sock_filter` bytes."""
+def program(allow_inet: bool = False) -> bytes:
+    """The filter as raw `struct sock_filter` bytes. `allow_inet` also admits AF_INET/AF_INET6/AF_NETLINK sockets (for a
+    sample in its own network namespace, where only its private loopback exists)."""
     idx = 0 if MACHINE == "x86_64" else 1
     p = [_ins(_LD_W_ABS, _OFF_ARCH), _ins(_JEQ_K, _AUDIT_ARCH[MACHINE], 1, 0), _ins(_RET_K, _RET_KILL_PROCESS),
          _ins(_LD_W_ABS, _OFF_NR)]
@@ -54,8 +55,14 @@ def program() -> bytes:
     for nrs in _DENY.values():
         p += [_ins(_JEQ_K, nrs[idx], 0, 1), _ins(_RET_K, _RET_ERRNO | _EPERM)]
     p += [_ins(_JEQ_K, _CLONE3, 0, 1), _ins(_RET_K, _RET_ERRNO | _ENOSYS)]  # libc falls back to clone()
-    p += [_ins(_JEQ_K, _SOCKET[MACHINE], 0, 4), _ins(_LD_W_ABS, _OFF_ARG0), _ins(_JEQ_K, _AF_UNIX, 0, 1),
-          _ins(_RET_K, _RET_ALLOW), _ins(_RET_K, _RET_ERRNO | _EAFNOSUPPORT)]
+    if allow_inet:
+        # netlink too: getifaddrs() (gloo looks up the loopback interface) reads the private netns over it.
+        p += [_ins(_JEQ_K, _SOCKET[MACHINE], 0, 7), _ins(_LD_W_ABS, _OFF_ARG0), _ins(_JEQ_K, _AF_UNIX, 3, 0),
+              _ins(_JEQ_K, _AF_INET, 2, 0), _ins(_JEQ_K, _AF_INET6, 1, 0), _ins(_JEQ_K, _AF_NETLINK, 0, 1),
+              _ins(_RET_K, _RET_ALLOW), _ins(_RET_K, _RET_ERRNO | _EAFNOSUPPORT)]
+    else:
+        p += [_ins(_JEQ_K, _SOCKET[MACHINE], 0, 4), _ins(_LD_W_ABS, _OFF_ARG0), _ins(_JEQ_K, _AF_UNIX, 0, 1),
+              _ins(_RET_K, _RET_ALLOW), _ins(_RET_K, _RET_ERRNO | _EAFNOSUPPORT)]
     p += [_ins(_JEQ_K, _CLONE[MACHINE], 0, 3), _ins(_LD_W_ABS, _OFF_ARG0), _ins(_JSET_K, _CLONE_NEW_MASK, 0, 1),
           _ins(_RET_K, _RET_ERRNO | _EPERM)]
     p += [_ins(_RET_K, _RET_ALLOW)]
@@ -66,11 +73,11 @@ class _FProg(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
-def install() -> None:
+def install(allow_inet: bool = False) -> None:
     """Install the filter on the calling thread (inherited by children, kept across exec)."""
     if not supported():
         raise OSError(38, f"seccomp filter: unsupported architecture {MACHINE}")
-    code = program()
+    code = program(allow_inet)
     buf = ctypes.create_string_buffer(code, len(code))
     prog = _FProg(len(code) // 8, ctypes.cast(buf, ctypes.c_void_p))
     prctl(PR_SET_NO_NEW_PRIVS, 1)

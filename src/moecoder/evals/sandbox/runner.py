@@ -117,7 +117,7 @@ class Sandbox:
 
     def __init__(self, min_tier: IsolationTier = IsolationTier.NAMESPACES, opt_in: bool = False,
                  hide: list[str] | None = None, extra_ro: list[str] | None = None,
-                 report: ProbeReport | None = None) -> None:
+                 report: ProbeReport | None = None, loopback_tcp: bool = False) -> None:
         if not opt_in:
             raise SandboxRefused("running untrusted code needs an explicit opt-in (e.g. --allow-code-execution)")
         self.report = report or probe()
@@ -128,6 +128,9 @@ class Sandbox:
         self.hide = default_hidden_paths() + list(hide or [])
         self.binds, self.symlinks = _root_layout(list(extra_ro or []))
         self.python = sys.executable  # visible inside the sandbox at the same path
+        # TCP on the sample's private loopback (e.g. torch.distributed's gloo); only with a network
+        # namespace, where nothing else is reachable. Off by default.
+        self.loopback_tcp = loopback_tcp and self.namespaces
 
     @property
     def namespaces(self) -> bool:
@@ -196,6 +199,7 @@ class Sandbox:
             "hide": self.hide,
             "drop_to": drop_to,
             "serve": serve,  # run _server.py's loop in the contained process itself (call sessions)
+            "loopback_tcp": self.loopback_tcp,
         }
         return base, cfg
 

@@ -115,6 +115,7 @@ def run_harness(
     wall_s: float = 60.0,
     memory_mb: int = 2048,
     binds: list[str] | None = None,
+    loopback_tcp: bool = False,
 ) -> RunOutcome:
     """Run `python <script>` with `files` in the sandbox; the harness reads `config` (JSON) on stdin.
 
@@ -124,7 +125,8 @@ def run_harness(
     nonce = secrets.token_hex(8)
     payload = json.dumps({**config, "report_marker": f"{REPORT_MARKER}-{nonce}"})
     argv = [sys.executable, "-B", script]
-    result = _sandbox_run(sandbox, argv, files, wall_s=wall_s, memory_mb=memory_mb, stdin=payload, binds=binds)
+    result = _sandbox_run(sandbox, argv, files, wall_s=wall_s, memory_mb=memory_mb, stdin=payload, binds=binds,
+                          loopback_tcp=loopback_tcp)
     return RunOutcome(result, parse_report(result.stdout or "", f"{REPORT_MARKER}-{nonce}"))
 
 
@@ -139,13 +141,13 @@ def parse_report(stdout: str, marker: str) -> dict[str, Any] | None:
 
 
 def _sandbox_run(sandbox: Any, argv: list[str], files: dict[str, str], *, wall_s: float, memory_mb: int,
-                 stdin: str | None, binds: list[str] | None = None) -> Any:
+                 stdin: str | None, binds: list[str] | None = None, loopback_tcp: bool = False) -> Any:
     from moecoder.evals.sandbox import SandboxLimits
 
     if sandbox is None:
         raise ValueError("workflow tasks run candidate code: pass a moecoder.evals.sandbox.Sandbox")
-    if binds:
-        sandbox = with_read_only(sandbox, binds)
+    if binds or loopback_tcp:
+        sandbox = derived(sandbox, binds or [], loopback_tcp)
     limits = SandboxLimits(wall_s=wall_s, cpu_s=wall_s, memory_mb=memory_mb, fsize_mb=64, nofile=256,
                            output_bytes=1 << 20)
     r = sandbox.run(argv, files=files, limits=limits, stdin=None if stdin is None else stdin.encode())
@@ -155,18 +157,19 @@ def _sandbox_run(sandbox: Any, argv: list[str], files: dict[str, str], *, wall_s
     return r
 
 
-_derived: dict[tuple[int, tuple[str, ...]], tuple[Any, Any]] = {}
+_derived: dict[tuple[int, tuple[str, ...], bool], tuple[Any, Any]] = {}
 
 
-def with_read_only(sandbox: Any, paths: list[str]) -> Any:
-    """The same sandbox plus read-only binds of `paths` (e.g. PostgreSQL's socket directory).
+def derived(sandbox: Any, paths: list[str], loopback_tcp: bool = False) -> Any:
+    """The same sandbox plus read-only binds of `paths` (e.g. PostgreSQL's socket directory) and, with
+    `loopback_tcp`, TCP on the sample's private loopback (torch.distributed's gloo needs it).
 
     The caller already opted in by handing us a sandbox; its probe report is reused, not redone."""
-    key = (id(sandbox), tuple(sorted(paths)))
+    key = (id(sandbox), tuple(sorted(paths)), loopback_tcp)
     if key not in _derived:
-        derived = type(sandbox)(min_tier=sandbox.tier, opt_in=True, hide=list(sandbox.hide),
-                                extra_ro=list(paths), report=sandbox.report)
-        _derived[key] = (sandbox, derived)  # holding the original keeps its id from being reused
+        made = type(sandbox)(min_tier=sandbox.tier, opt_in=True, hide=list(sandbox.hide),
+                             extra_ro=list(paths), report=sandbox.report, loopback_tcp=loopback_tcp)
+        _derived[key] = (sandbox, made)  # holding the original keeps its id from being reused
     return _derived[key][1]
 
 

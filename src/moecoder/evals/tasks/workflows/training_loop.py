@@ -52,7 +52,9 @@ class TrainingLoopTask:
         if early is not None:
             return early
         files["_wf_harness.py"] = (self.root / "harness.py").read_text()
-        out = run_harness(sandbox, files, "_wf_harness.py", {"params": PARAMS}, wall_s=120.0, memory_mb=4096)
+        # DDP on gloo (world size 1) needs TCP: allowed on the sample's private loopback only.
+        out = run_harness(sandbox, files, "_wf_harness.py", {"params": PARAMS}, wall_s=120.0, memory_mb=4096,
+                          loopback_tcp=True)
         base = Verdict(Status.FAIL, 0, len(self.CHECKS), syntax_ok=True, files_compiled=len(files) - 1,
                        files_total=len(files) - 1)
         bad = out.failure_status()
