@@ -77,3 +77,43 @@ def test_bench_cost_prints_dollars_per_million(ckpt_dir):
     usd = float(re.search(r"\$([\d.]+) per 1M output tokens at \$2.5/hour", r.stdout).group(1))
     assert tps > 0 and int(re.search(r"\((\d+) requests", r.stdout).group(1)) > 0
     assert usd == pytest.approx(2.5 / 3600 / tps * 1e6, rel=0.01)
+
+
+def test_evaluation_harness_end_to_end_against_moecoder_serve(tmp_path):
+    """`moecoder eval` (OpenAI-compatible backend) against `moecoder serve` running the bundled model:
+    usage comes from the server (not estimated) and every sample gets a real verdict."""
+    import json
+
+    from moecoder.engine_cli import BUNDLED_MODEL
+
+    port = free_port()
+    proc = subprocess.Popen(moecoder("serve", "--model", BUNDLED_MODEL, "--port", port, "--max-batch", 2,
+                                     "--threads", 1),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline, "server did not come up"
+            time.sleep(0.2)
+        model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+        out = tmp_path / "run"
+        res = subprocess.run(moecoder("eval", "run", "--suite", "humaneval", "--backend", "openai", "--base-url",
+                                      url + "/v1", "--model", model, "--template", "completion@1", "--limit", 3,
+                                      "--max-tokens", 48, "--allow-exec", "--out", out),
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
+        records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+        assert len(records) == 3
+        assert all(r["status"] in {"pass", "fail", "syntax", "timeout", "crash", "memory"} for r in records)
+        assert all(r["output_tokens"] > 0 and not r["tokens_estimated"] for r in records)
+        assert "HumanEval pass@1" in res.stdout
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
