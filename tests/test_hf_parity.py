@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-transformers = pytest.importorskip("transformers")
+import transformers  # the dev extra pins it; a missing reference must fail, not skip, the parity tests
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from moecoder.checkpoint import from_hf_config, load_checkpoint, save_checkpoint
