@@ -31,6 +31,7 @@ from moecoder.evals.extract import UnsafePath, extract_code, extract_files, pars
 from moecoder.evals.prices import PriceTable, local_cost
 from moecoder.evals.templates import Template
 from moecoder.evals.types import Prompt, Status, Task, Verdict
+from moecoder.hashing import sha256_file
 
 
 class RunError(ValueError):
@@ -69,14 +70,6 @@ def sha256_bytes(data: bytes) -> str:
 
 def _hash(obj: Any) -> str:
     return sha256_bytes(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode())
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -119,7 +119,8 @@ class _ShardWriter:
 def tokenize_corpus(corpus_dir: Path, tokenizer_dir: Path, out_dir: Path, workers: int = 1,
                     shard_tokens: int = 1 << 26, progress: bool = False) -> dict:
     """Tokenise every split of corpus_dir into out_dir; returns the index dict (also written to out_dir/index.json)."""
-    from moecoder.train.tok_train import eos_id_of, file_sha256, load_tokenizer
+    from moecoder.hashing import sha256_file
+    from moecoder.train.tok_train import eos_id_of, load_tokenizer
 
     corpus_dir, tokenizer_dir, out_dir = Path(corpus_dir), Path(tokenizer_dir), Path(out_dir)
     if workers < 1:
@@ -178,7 +179,7 @@ def tokenize_corpus(corpus_dir: Path, tokenizer_dir: Path, out_dir: Path, worker
         "dtype": dtype.name,
         "vocab_size": vocab_size,
         "eos_id": eos_id,
-        "tokenizer_sha256": file_sha256(tokenizer_dir / "tokenizer.json"),
+        "tokenizer_sha256": sha256_file(tokenizer_dir / "tokenizer.json"),
         "splits": index_splits,
         "total_tokens": sum(s["num_tokens"] for s in index_splits.values()),
         "elapsed_s": round(time.perf_counter() - t0, 3),

@@ -11,7 +11,6 @@ half-written checkpoint under a real name.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import CheckpointError  # one error type for model and training checkpoints
+from ..hashing import sha256_file
 
 MANIFEST = "manifest.json"
 TRAIN_STATE = "train_state.pt"
@@ -54,17 +54,9 @@ def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_manifest(folder: Path, step: int) -> None:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    manifest = {"step": step, "files": {p.relative_to(folder).as_posix(): _sha256(p) for p in files}}
+    manifest = {"step": step, "files": {p.relative_to(folder).as_posix(): sha256_file(p) for p in files}}
     tmp = folder / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, folder / MANIFEST)
@@ -88,7 +80,7 @@ def verify_checkpoint(folder: str | Path) -> int:
         p = folder / rel
         if not p.is_file():
             raise CheckpointError(f"checkpoint {folder} is missing {rel}")
-        if _sha256(p) != digest:
+        if sha256_file(p) != digest:
             raise CheckpointError(f"checkpoint {folder} is corrupt: sha256 of {rel} does not match the manifest")
     return step
 

@@ -6,11 +6,11 @@ loads with any Hugging Face tokenizer loader; <|endoftext|> is bos, eos and pad.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from pathlib import Path
 
+from moecoder.hashing import sha256_file
 from moecoder.train.data import DataError, count_lines, iter_texts, split_file, write_json_atomic
 
 EOS_TOKEN = "<|endoftext|>"
@@ -63,15 +63,7 @@ def train_tokenizer(corpus_dir: Path, out_dir: Path, vocab_size: int = 8192, min
         "model_max_length": 1_000_000,
     })
     return {"vocab_size": tok.get_vocab_size(), "eos_id": eos_id, "docs": n_docs,
-            "sha256": file_sha256(out_dir / "tokenizer.json"), "elapsed_s": round(time.perf_counter() - t0, 3)}
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+            "sha256": sha256_file(out_dir / "tokenizer.json"), "elapsed_s": round(time.perf_counter() - t0, 3)}
 
 
 def load_tokenizer(tok_dir: Path):

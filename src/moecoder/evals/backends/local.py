@@ -7,7 +7,6 @@ One generation runs at a time on the shared model; concurrency > 1 only queues r
 from __future__ import annotations
 
 import hashlib
-
 import threading
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 from moecoder.evals.backends.base import BackendError, Generation, Sampling
 from moecoder.evals.types import Prompt
+from moecoder.hashing import sha256_file
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "assets" / "default-model"
 
@@ -100,7 +100,5 @@ def _weights_fingerprint(folder: Path) -> str:
     h = hashlib.sha256()
     for f in sorted([folder / "config.json", *folder.glob("*.safetensors")]):
         h.update(f.name.encode() + b"\0")
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+        sha256_file(f, h)
     return h.hexdigest()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import ast
 import builtins
 import gzip
-import hashlib
 import importlib.util
 import json
 import math
@@ -32,6 +31,7 @@ from moecoder.evals.sandbox import SandboxLimits
 from moecoder.evals.sandbox.rpc import CallResult
 from moecoder.evals.tasks.reference import DIGEST_OVER, SuiteReference, time_limit
 from moecoder.evals.types import Prompt, Status, Verdict
+from moecoder.hashing import sha256_file
 
 HUMANEVAL_PLUS_SHA256 = "272720b90ac375502c8ed23cd791c2a93dfb22a911641a494da74a426c09f101"  # data README
 MBPP_SHA256 = "ccf64ceae9c5403bf50a044cb6d505bfd2a2963ee58338ba268fd65beab92a9f"  # data README
@@ -360,14 +360,10 @@ def _import_lines(program: str) -> str:
 
 # ---------------------------------------------------------------- loaders
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _verify(path: Path, expected: str | None) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"benchmark data file not found: {path}")
-    sha = _sha256(path)
+    sha = sha256_file(path)
     if expected is not None and sha != expected:
         raise DataChecksumError(f"{path}: sha256 {sha} does not match the published {expected}")
     return sha
