@@ -3,7 +3,6 @@ and a uvicorn server on a free loopback port in a background thread."""
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import threading
 import time
@@ -43,16 +42,6 @@ def build_model(codec: Tokenizer, seed: int = 0, **cfg_overrides) -> Transformer
     return model.eval()
 
 
-@contextlib.contextmanager
-def one_torch_thread():
-    """Run with one torch thread, then restore. On a CPU shared with other processes, torch's
-    thread pool spinning against them turns a 3 ms decode step into 150 ms."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def free_port() -> int:

@@ -16,13 +16,6 @@ from moecoder.config import get_preset
 from moecoder.model import Transformer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops: with two intra-op threads on shared, oversubscribed cores these tests ran ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _cfg():

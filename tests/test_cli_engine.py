@@ -4,7 +4,6 @@ import json
 import sys
 
 import pytest
-import torch
 
 from moecoder import cli, engine_cli
 from moecoder.checkpoint import load_checkpoint, save_checkpoint
@@ -18,13 +17,6 @@ CORPUS = ["def square(x):\n    return x * x\n", "for k, v in items.items():\n   
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest, and avoids oversubscribing cores under pytest -n."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 def run(monkeypatch, capsys, *args):
     """(exit code, stdout, stderr) of `moecoder *args`, in process."""

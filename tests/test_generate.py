@@ -21,13 +21,6 @@ GREEDY = SamplingParams()
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest, and avoids oversubscribing cores under pytest -n."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 def _model(**kw):
     cfg = get_preset("debug").replace(**kw)

@@ -25,13 +25,6 @@ from moecoder.model import KVCache, Transformer
 transformers.logging.set_verbosity_error()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops: with two intra-op threads on shared, oversubscribed cores these tests ran ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 _BASE = {"vocab_size": 96, "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4,
          "num_key_value_heads": 2, "intermediate_size": 24, "num_experts_per_tok": 2, "bos_token_id": 1,

@@ -8,7 +8,7 @@ import time
 import httpx
 import openai
 import pytest
-from serve_fixtures import ServerThread, build_codec, build_model, one_torch_thread
+from serve_fixtures import ServerThread, build_codec, build_model
 
 from moecoder.serve.api import create_app
 from moecoder.serve.engine import Engine
@@ -18,10 +18,6 @@ MODEL = "debug-moe"
 CONTEXT = 128
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_torch_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -29,12 +30,12 @@ def moecoder(*args):
     return [sys.executable, "-m", "moecoder", *map(str, args)]
 
 
-def test_serve_subprocess_with_api_key(ckpt_dir):
+@contextlib.contextmanager
+def served(*args, env=None):
+    """`moecoder serve *args` in a subprocess on a free loopback port; yields its base URL once /health answers."""
     port = free_port()
-    env = {**os.environ, "MOECODER_TEST_KEY": "s3cret"}
-    proc = subprocess.Popen(moecoder("serve", "--model", ckpt_dir, "--port", port, "--api-key-env", "MOECODER_TEST_KEY",
-                                     "--max-batch", 2, "--max-context", 64, "--threads", 1),
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(moecoder("serve", *args, "--port", port), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.time() + 60
@@ -47,15 +48,22 @@ def test_serve_subprocess_with_api_key(ckpt_dir):
                 pass
             assert time.time() < deadline, "server did not come up"
             time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_serve_subprocess_with_api_key(ckpt_dir):
+    env = {**os.environ, "MOECODER_TEST_KEY": "s3cret"}
+    with served("--model", ckpt_dir, "--api-key-env", "MOECODER_TEST_KEY", "--max-batch", 2, "--max-context", 64,
+                "--threads", 1, env=env) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
         assert [m.id for m in client.models.list()] == ["tiny-moe"]
         r = client.chat.completions.create(model="tiny-moe", messages=[{"role": "user", "content": "hi"}],
                                            max_tokens=5, temperature=0)
         assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 5
         assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -86,34 +94,16 @@ def test_evaluation_harness_end_to_end_against_moecoder_serve(tmp_path):
 
     from moecoder.engine_cli import BUNDLED_MODEL
 
-    port = free_port()
-    proc = subprocess.Popen(moecoder("serve", "--model", BUNDLED_MODEL, "--port", port, "--max-batch", 2,
-                                     "--threads", 1),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline, "server did not come up"
-            time.sleep(0.2)
+    with served("--model", BUNDLED_MODEL, "--max-batch", 2, "--threads", 1) as url:
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
         out = tmp_path / "run"
         res = subprocess.run(moecoder("eval", "run", "--suite", "humaneval", "--backend", "openai", "--base-url",
                                       url + "/v1", "--model", model, "--template", "completion@1", "--limit", 3,
                                       "--max-tokens", 48, "--allow-exec", "--out", out),
                              capture_output=True, text=True, timeout=300)
-        assert res.returncode == 0, res.stderr
-        records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-        assert len(records) == 3
-        assert all(r["status"] in {"pass", "fail", "syntax", "timeout", "crash", "memory"} for r in records)
-        assert all(r["output_tokens"] > 0 and not r["tokens_estimated"] for r in records)
-        assert "HumanEval pass@1" in res.stdout
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    assert res.returncode == 0, res.stderr
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(records) == 3
+    assert all(r["status"] in {"pass", "fail", "syntax", "timeout", "crash", "memory"} for r in records)
+    assert all(r["output_tokens"] > 0 and not r["tokens_estimated"] for r in records)
+    assert "HumanEval pass@1" in res.stdout

@@ -7,15 +7,11 @@ import time
 
 import pytest
 import torch
-from serve_fixtures import build_codec, build_model, one_torch_thread
+from serve_fixtures import build_codec, build_model
 
 from moecoder.serve.engine import Engine, QueueFull, RequestParams, Sequence, TextStream, kv_bytes_per_token
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_torch_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis.generation import GenerationMode
-from serve_fixtures import ServerThread, build_codec, build_model, one_torch_thread
+from serve_fixtures import ServerThread, build_codec, build_model
 
 from moecoder.serve.api import create_app
 from moecoder.serve.engine import Engine
@@ -20,10 +20,6 @@ from moecoder.serve.engine import Engine
 KEY = "fuzz-key"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_torch_thread():
-        yield
 
 
 @pytest.fixture(scope="module")
