@@ -37,6 +37,15 @@ class ModelConfig:
     qk_norm: str = "none"  # "none" | "head" (RMSNorm per head, Qwen3) | "full" (over all heads, OLMoE/MiniMax-M2)
     sliding_window: int | None = None  # attend to the last `sliding_window` keys only
     sliding_window_layers: tuple[int, ...] | None = None  # None: all layers use the window (if set)
+    # --- multi-head latent attention (DeepSeek-V2/V3); kv_lora_rank None: plain attention above ---
+    # With MLA, head_dim is derived (qk_nope_dim + qk_rope_dim, the query/key head size), n_kv_heads is
+    # n_heads, and RoPE covers only the qk_rope_dim part of each query/key head (see model/mla.py).
+    kv_lora_rank: int | None = None  # width of the compressed key/value latent
+    q_lora_rank: int | None = None  # low-rank query (q_a_proj -> norm -> q_b_proj); None: one q_proj
+    qk_nope_dim: int | None = None  # per-head query/key dims without position
+    qk_rope_dim: int | None = None  # per-head query/key dims under RoPE (one rotary key shared by all heads)
+    v_head_dim: int | None = None  # per-head value dims
+    rope_interleave: bool = False  # MLA RoPE rotates pairs (x0, x1), (x2, x3), ... instead of halves (DeepSeek)
     # --- mixture of experts ---
     n_experts: int = 8  # routed experts; 0 means a dense model
     top_k: int = 2
@@ -48,11 +57,20 @@ class ModelConfig:
     norm_topk: bool = False  # renormalise the selected top-k weights to sum to 1
     routing_bias: bool = False  # selection uses scores + a correction bias; weights stay unbiased
     routed_scale: float = 1.0  # multiply routed output weights (DeepSeek-V3 style)
+    n_groups: int = 1  # experts form n_groups equal groups; a token picks its top_k within topk_groups groups
+    topk_groups: int = 1  # groups a token may route to (DeepSeek device-limited routing)
+    group_score: str = "max"  # group rank: "max" selection score (DeepSeek-V2) | "top2" sum of its two best (V3)
     dense_layers: tuple[int, ...] = ()  # layers with a dense FFN instead of MoE
     # --- which Hugging Face family this model saves as ---
     model_type: str = "mixtral"
 
     def __post_init__(self) -> None:
+        if self.kv_lora_rank is not None:  # MLA: derived, so that replace() keeps them consistent
+            if self.qk_nope_dim is None or self.qk_rope_dim is None or self.v_head_dim is None:
+                raise ConfigError("multi-head latent attention (kv_lora_rank set) needs qk_nope_dim, qk_rope_dim "
+                                  "and v_head_dim")
+            self.head_dim = self.qk_nope_dim + self.qk_rope_dim
+            self.n_kv_heads = self.n_heads
         if self.head_dim is None:
             if self.dim % self.n_heads:
                 raise ConfigError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}; set head_dim")
@@ -87,10 +105,53 @@ class ModelConfig:
         for i in self.dense_layers:
             if not 0 <= i < self.n_layers:
                 raise ConfigError(f"dense_layers entry {i} is outside 0..{self.n_layers - 1}")
+        self._validate_groups()
+        self._validate_mla()
+
+    def _validate_groups(self) -> None:
+        if self.group_score not in ("max", "top2"):
+            raise ConfigError(f"group_score must be 'max' or 'top2', got {self.group_score!r}")
+        if self.n_groups < 1 or not 1 <= self.topk_groups <= self.n_groups:
+            raise ConfigError(f"need n_groups >= 1 and 1 <= topk_groups <= n_groups, got n_groups={self.n_groups}, "
+                              f"topk_groups={self.topk_groups}")
+        if self.n_groups == 1 or not self.n_experts:
+            return
+        if self.n_experts % self.n_groups:
+            raise ConfigError(f"n_experts={self.n_experts} is not divisible by n_groups={self.n_groups}")
+        per_group = self.n_experts // self.n_groups
+        if self.top_k > self.topk_groups * per_group:
+            raise ConfigError(f"top_k={self.top_k} exceeds the {self.topk_groups} x {per_group} experts of the "
+                              "groups a token may use")
+        if self.group_score == "top2" and per_group < 2:
+            raise ConfigError("group_score='top2' needs at least 2 experts per group")
+
+    def _validate_mla(self) -> None:
+        if self.kv_lora_rank is None:
+            if self.rope_interleave:
+                raise ConfigError("rope_interleave is only implemented for multi-head latent attention")
+            return
+        dims = {"kv_lora_rank": self.kv_lora_rank, "q_lora_rank": self.q_lora_rank, "qk_nope_dim": self.qk_nope_dim,
+                "qk_rope_dim": self.qk_rope_dim, "v_head_dim": self.v_head_dim}
+        for name, v in dims.items():
+            if v is not None and (not isinstance(v, int) or v <= 0):
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        if self.qk_rope_dim % 2:
+            raise ConfigError(f"qk_rope_dim={self.qk_rope_dim} must be even")
+        unsupported = {"qk_norm": self.qk_norm != "none", "qkv_bias": self.qkv_bias,
+                       "rotary_dim": self.rotary_dim is not None, "sliding_window": self.sliding_window is not None}
+        bad = [k for k, on in unsupported.items() if on]
+        if bad:
+            raise ConfigError(f"multi-head latent attention does not support {', '.join(bad)}")
 
     # --- derived ---
     @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank is not None
+
+    @property
     def rot_dim(self) -> int:
+        if self.kv_lora_rank is not None:
+            return self.qk_rope_dim
         return self.rotary_dim or self.head_dim
 
     def is_moe_layer(self, i: int) -> bool:
@@ -157,6 +218,27 @@ PRESETS: dict[str, ModelConfig] = {
                                 ffn_dim=1536, n_experts=192, top_k=24, score_func="sigmoid", routing_bias=True,
                                 norm_topk=True, qk_norm="full", rotary_dim=64, rope_theta=5e6, norm_eps=1e-6,
                                 max_seq_len=196608, model_type="minimax_m2"),
+    # DeepSeek-V3 / R1 (671B total / 37B active): multi-head latent attention, 3 dense layers, then 1 shared +
+    # top-8 of 256 experts chosen by sigmoid + correction bias within the 4 best of 8 groups.
+    "deepseek-v3": _preset(vocab_size=129280, dim=7168, n_layers=61, n_heads=128, n_kv_heads=128, ffn_dim=18432,
+                           moe_ffn_dim=2048, n_experts=256, top_k=8, n_shared_experts=1, score_func="sigmoid",
+                           routing_bias=True, norm_topk=True, routed_scale=2.5, n_groups=8, topk_groups=4,
+                           group_score="top2", dense_layers=(0, 1, 2), kv_lora_rank=512, q_lora_rank=1536,
+                           qk_nope_dim=128, qk_rope_dim=64, v_head_dim=128, rope_interleave=True, norm_eps=1e-6,
+                           rope_theta=1e4, max_seq_len=163840, model_type="deepseek_v3",
+                           rope_scaling={"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
+                                         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}),
+    # DeepSeek-Coder-V2 (236B total / 21B active), the DeepSeek-V2 architecture: MLA, 1 dense layer, then
+    # 2 shared + top-6 of 160 softmax-routed experts within the 3 best of 8 groups, weights x 16.
+    "deepseek-coder-v2": _preset(vocab_size=102400, dim=5120, n_layers=60, n_heads=128, n_kv_heads=128,
+                                 ffn_dim=12288, moe_ffn_dim=1536, n_experts=160, top_k=6, n_shared_experts=2,
+                                 routed_scale=16.0, n_groups=8, topk_groups=3, dense_layers=(0,), kv_lora_rank=512,
+                                 q_lora_rank=1536, qk_nope_dim=128, qk_rope_dim=64, v_head_dim=128,
+                                 rope_interleave=True, norm_eps=1e-6, rope_theta=1e4, max_seq_len=163840,
+                                 model_type="deepseek_v2",
+                                 rope_scaling={"rope_type": "yarn", "factor": 40.0,
+                                               "original_max_position_embeddings": 4096, "beta_fast": 32,
+                                               "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}),
 }
 
 

@@ -8,9 +8,11 @@ Conventions (printed with every table):
   embedding lookup is a gather and is not counted, the LM head is) + attention scores and
   values, 4 x heads x head_dim per key, for a token that attends to `context` keys (itself
   included; sliding-window layers attend to at most `window` keys). Norms, RoPE, softmax and
-  activations are ignored.
+  activations are ignored. Multi-head latent attention (DeepSeek) counts the same per-head form,
+  2 x heads x (query/key head dim + value head dim) per key, as if keys and values were expanded.
 - Weight memory = total parameters x bytes per parameter (bf16 2, fp8 1, int4 0.5), without
-  quantisation scales. KV cache = keys + values of every layer for one token, in bf16.
+  quantisation scales. KV cache = keys + values of every layer for one token, in bf16; with MLA,
+  the one compressed latent + rotary key per layer that model/mla.py caches.
 
 Counts come from the model built on the `meta` device; `analytic_params` is an independent
 closed-form formula that the tests hold equal to it.
@@ -29,9 +31,9 @@ KV_DTYPE_BYTES = 2  # bf16
 
 CONVENTIONS = (
     "active = params one token touches (full embedding + LM head, attention, norms, router, shared + top-k experts); "
-    "FLOPs/token = 2 x active matmul params (LM head yes, embedding lookup no) + 4 x heads x head_dim x keys attended "
-    "(a token at the given context; windowed layers capped at the window); weights without quantisation scales; "
-    "KV cache in bf16."
+    "FLOPs/token = 2 x active matmul params (LM head yes, embedding lookup no) + 2 x heads x (qk + v head dims) x keys "
+    "attended (a token at the given context; windowed layers capped at the window); weights without quantisation "
+    "scales; KV cache in bf16 (MLA: the cached latent)."
 )
 
 
@@ -59,13 +61,28 @@ class Sizing:
         return asdict(self)
 
 
+def _mla_params(cfg: ModelConfig) -> int:
+    """Multi-head latent attention: (low-rank) query, latent down/up projections, their norms, output."""
+    qk = cfg.qk_nope_dim + cfg.qk_rope_dim
+    if cfg.q_lora_rank is None:
+        n = cfg.dim * cfg.n_heads * qk
+    else:
+        n = cfg.dim * cfg.q_lora_rank + cfg.q_lora_rank + cfg.q_lora_rank * cfg.n_heads * qk
+    n += cfg.dim * (cfg.kv_lora_rank + cfg.qk_rope_dim) + cfg.kv_lora_rank  # kv_a_proj + its norm
+    n += cfg.kv_lora_rank * cfg.n_heads * (cfg.qk_nope_dim + cfg.v_head_dim)  # kv_b_proj
+    return n + cfg.n_heads * cfg.v_head_dim * cfg.dim  # o_proj
+
+
 def _block_params(cfg: ModelConfig, layer: int, active: bool) -> int:
     """Parameters of one decoder block (active=True: only the routed experts a token uses)."""
     q_out, kv_out = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    n = cfg.dim * q_out + 2 * cfg.dim * kv_out + q_out * cfg.dim  # q, k, v, o
-    if cfg.qkv_bias:
-        n += q_out + 2 * kv_out
-    n += {"none": 0, "head": 2 * cfg.head_dim, "full": q_out + kv_out}[cfg.qk_norm]
+    if cfg.is_mla:
+        n = _mla_params(cfg)
+    else:
+        n = cfg.dim * q_out + 2 * cfg.dim * kv_out + q_out * cfg.dim  # q, k, v, o
+        if cfg.qkv_bias:
+            n += q_out + 2 * kv_out
+        n += {"none": 0, "head": 2 * cfg.head_dim, "full": q_out + kv_out}[cfg.qk_norm]
     n += 2 * cfg.dim  # input and post-attention norms
     if not cfg.is_moe_layer(layer):
         return n + 3 * cfg.dim * cfg.ffn_dim
@@ -79,6 +96,8 @@ def _block_params(cfg: ModelConfig, layer: int, active: bool) -> int:
 
 
 def _norm_params(cfg: ModelConfig, layer: int) -> int:
+    if cfg.is_mla:
+        return (cfg.q_lora_rank or 0) + cfg.kv_lora_rank + 2 * cfg.dim
     q_out, kv_out = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     qk = {"none": 0, "head": 2 * cfg.head_dim, "full": q_out + kv_out}[cfg.qk_norm]
     bias = q_out + 2 * kv_out if cfg.qkv_bias else 0
@@ -126,15 +145,18 @@ def meta_params(cfg: ModelConfig) -> ParamCounts:
 
 def attention_flops(cfg: ModelConfig, context: int) -> int:
     """Score (q.k) and value (p.v) FLOPs for one token attending to `context` keys."""
+    qk, v = cfg.head_dim, (cfg.v_head_dim if cfg.is_mla else cfg.head_dim)  # MLA: head_dim is nope + rope
     flops = 0
     for i in range(cfg.n_layers):
         keys = min(context, cfg.sliding_window) if cfg.uses_window(i) else context
-        flops += 4 * cfg.n_heads * cfg.head_dim * keys
+        flops += 2 * cfg.n_heads * (qk + v) * keys
     return flops
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype_bytes: int = KV_DTYPE_BYTES) -> int:
-    """Keys and values of every layer for one token."""
+    """Keys and values of every layer for one token (MLA: the latent and rotary key, see model/mla.py)."""
+    if cfg.is_mla:
+        return cfg.n_layers * (cfg.kv_lora_rank + cfg.qk_rope_dim) * dtype_bytes
     return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * dtype_bytes
 
 

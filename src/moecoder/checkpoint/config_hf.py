@@ -2,7 +2,7 @@
 
 Reads both spellings transformers has used: `rope_theta` + `rope_scaling` (4.x) and
 `rope_parameters` (5.x); `num_experts` and `num_local_experts`; MiniMax-M2 `rotary_dim` and
-`partial_rotary_factor`. Optional fields default to the values transformers 5 uses for the
+`partial_rotary_factor`; DeepSeek `n_routed_experts` and its `num_experts` / `num_local_experts` aliases. Optional fields default to the values transformers 5 uses for the
 family, so a config.json means the same model here as there.
 """
 
@@ -22,11 +22,23 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen3_moe": {"rope_theta": 1e4, "rms_norm_eps": 1e-6, "max_position_embeddings": 32768, "kv": 4},
     "olmoe": {"rope_theta": 1e4, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096, "kv": None},
     "minimax_m2": {"rope_theta": 5e6, "rms_norm_eps": 1e-6, "max_position_embeddings": 196608, "kv": 8},
+    "deepseek_v2": {"rope_theta": 1e4, "rms_norm_eps": 1e-6, "max_position_embeddings": 2048, "kv": None},
+    "deepseek_v3": {"rope_theta": 1e4, "rms_norm_eps": 1e-6, "max_position_embeddings": 4096, "kv": None},
 }
+# ... and for the DeepSeek-only fields (DeepseekV2Config / DeepseekV3Config).
+_DEEPSEEK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "deepseek_v2": {"q_lora_rank": 1536, "n_shared_experts": 2, "first_k_dense_replace": 0,
+                    "routed_scaling_factor": 1.0, "topk_method": "greedy", "norm_topk_prob": False},
+    "deepseek_v3": {"q_lora_rank": 1536, "n_shared_experts": 1, "first_k_dense_replace": 3,
+                    "routed_scaling_factor": 2.5, "n_group": 8, "topk_group": 4, "norm_topk_prob": True,
+                    "rope_interleave": True},
+}
+_DEEPSEEK = tuple(_DEEPSEEK_DEFAULTS)
 _REQUIRED = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
              "num_experts_per_tok"]
+_MLA_REQUIRED = ["moe_intermediate_size", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"]
 _REQUIRED_EXTRA = {"qwen2_moe": ["moe_intermediate_size", "shared_expert_intermediate_size"],
-                   "qwen3_moe": ["moe_intermediate_size"]}
+                   "qwen3_moe": ["moe_intermediate_size"], "deepseek_v2": _MLA_REQUIRED, "deepseek_v3": _MLA_REQUIRED}
 
 
 def _model_type(d: dict[str, Any]) -> str:
@@ -67,9 +79,12 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
         method = d["quantization_config"].get("quant_method", "?")
         raise CheckpointError(f"quantized checkpoints are not supported (quantization_config: {method})")
     n_experts = d.get("num_experts", d.get("num_local_experts"))
+    if mt in _DEEPSEEK:
+        n_experts = d.get("n_routed_experts", n_experts)
     missing = [k for k in _REQUIRED + _REQUIRED_EXTRA.get(mt, []) if d.get(k) is None]
     if n_experts is None:
-        missing.append("num_local_experts" if mt in ("mixtral", "minimax_m2") else "num_experts")
+        missing.append("num_local_experts" if mt in ("mixtral", "minimax_m2") else
+                       "n_routed_experts" if mt in _DEEPSEEK else "num_experts")
     if missing:
         raise CheckpointError(f"config.json is missing required field(s): {', '.join(missing)}")
     if d.get("hidden_act", "silu") != "silu":
@@ -120,12 +135,66 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
         rotary = d.get("rotary_dim") or (int(head_dim * partial) if partial else None)
         kw.update(qk_norm="full", score_func="sigmoid", routing_bias=True, norm_topk=True,
                   rotary_dim=None if rotary == head_dim else rotary)
+    elif mt in _DEEPSEEK:
+        kw.update(_deepseek(d, mt, partial))
     try:
         cfg = ModelConfig(**kw)
         rope_frequencies(cfg)  # rejects rope types the model does not implement
     except (ConfigError, KeyError, TypeError) as e:
         raise CheckpointError(f"config.json describes an invalid {mt} model: {e}") from None
     return cfg
+
+
+def _deepseek(d: dict[str, Any], mt: str, partial: float | None) -> dict[str, Any]:
+    """The DeepSeek-V2/V3 fields: MLA, shared experts, leading dense layers and (group-limited) routing.
+
+    Options transformers 5 reads differently from DeepSeek's own code are refused rather than guessed:
+    moe_layer_freq (transformers ignores it), V2 norm_topk_prob (transformers ignores it; DeepSeek's code
+    renormalises *instead of* scaling), key/value heads other than the query heads.
+    """
+    dflt = _DEEPSEEK_DEFAULTS[mt]
+
+    def get(key: str) -> Any:
+        return dflt.get(key) if d.get(key) is None else d[key]
+
+    if d.get("mlp_bias"):
+        raise CheckpointError(f"{mt} with mlp_bias={d['mlp_bias']!r} is not supported")
+    if (d.get("moe_layer_freq") or 1) != 1:
+        raise CheckpointError(f"{mt} with moe_layer_freq={d['moe_layer_freq']!r} is not supported "
+                              "(transformers ignores it)")
+    kv = d.get("num_key_value_heads")
+    if kv is not None and kv != d["num_attention_heads"]:
+        raise CheckpointError(f"{mt} with num_key_value_heads={kv} != num_attention_heads is not supported "
+                              "(multi-head latent attention has one key/value head per query head)")
+    if partial not in (None, 1, 1.0):
+        raise CheckpointError(f"{mt} with partial_rotary_factor={partial!r} is not supported")
+    n_layers = d["num_hidden_layers"]
+    kw: dict[str, Any] = {
+        "head_dim": None, "kv_lora_rank": d["kv_lora_rank"],
+        "q_lora_rank": d["q_lora_rank"] if "q_lora_rank" in d else dflt["q_lora_rank"],  # null: a plain q_proj
+        "qk_nope_dim": d["qk_nope_head_dim"], "qk_rope_dim": d["qk_rope_head_dim"], "v_head_dim": d["v_head_dim"],
+        "moe_ffn_dim": d["moe_intermediate_size"], "n_shared_experts": get("n_shared_experts"),
+        "dense_layers": tuple(range(min(get("first_k_dense_replace"), n_layers))),
+        "routed_scale": float(get("routed_scaling_factor")),
+    }
+    if mt == "deepseek_v2":
+        method = get("topk_method")
+        if method not in ("greedy", "group_limited_greedy"):
+            raise CheckpointError(f"deepseek_v2 with topk_method={method!r} is not supported "
+                                  "(greedy, group_limited_greedy)")
+        if get("norm_topk_prob"):
+            raise CheckpointError("deepseek_v2 with norm_topk_prob=True is not supported (transformers ignores it, "
+                                  "DeepSeek's code renormalises instead of scaling)")
+        groups = (d.get("n_group"), d.get("topk_group")) if method == "group_limited_greedy" else (1, 1)
+        if None in groups:
+            raise CheckpointError("deepseek_v2 with topk_method='group_limited_greedy' needs n_group and topk_group")
+        kw.update(score_func="softmax", norm_topk=False, group_score="max", rope_interleave=True)
+    else:  # V3: sigmoid scores, selection by score + correction bias within the best groups
+        groups = (get("n_group"), get("topk_group"))
+        kw.update(score_func="sigmoid", routing_bias=True, norm_topk=bool(get("norm_topk_prob")),
+                  group_score="top2", rope_interleave=bool(get("rope_interleave")))
+    kw.update(n_groups=groups[0], topk_groups=groups[1])
+    return kw
 
 
 def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
@@ -142,7 +211,7 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     kind, rope = _rope_kind(cfg.rope_scaling)
     d["rope_parameters"] = {"rope_type": kind, **rope, "rope_theta": cfg.rope_theta}
     experts_key = "num_local_experts" if mt in ("mixtral", "minimax_m2") else "num_experts"
-    d[experts_key] = cfg.n_experts
+    d["n_routed_experts" if mt in _DEEPSEEK else experts_key] = cfg.n_experts
     if mt in ("qwen2_moe", "qwen3_moe"):
         d.update(intermediate_size=cfg.ffn_dim, moe_intermediate_size=cfg.moe_ffn_dim, decoder_sparse_step=1,
                  mlp_only_layers=list(cfg.dense_layers))
@@ -167,11 +236,29 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
                               for i in range(cfg.n_layers)])
     elif mt == "qwen3_moe":
         d.update(use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window)
+    elif mt in _DEEPSEEK:
+        _deepseek_to_hf(cfg, d)
     elif mt == "minimax_m2" and cfg.rotary_dim is not None:
         d["rotary_dim"] = cfg.rotary_dim
         d["rope_parameters"]["partial_rotary_factor"] = cfg.rotary_dim / cfg.head_dim
     _check_round_trip(cfg, d)
     return d
+
+
+def _deepseek_to_hf(cfg: ModelConfig, d: dict[str, Any]) -> None:
+    shared = cfg.n_shared_experts * cfg.shared_ffn_dim
+    d.pop("head_dim")  # transformers derives it (as the rotary size)
+    n_dense = len(cfg.dense_layers)
+    d.update(intermediate_size=cfg.ffn_dim if n_dense else cfg.moe_ffn_dim, moe_intermediate_size=cfg.moe_ffn_dim,
+             n_shared_experts=shared // cfg.moe_ffn_dim if shared % cfg.moe_ffn_dim == 0 else cfg.n_shared_experts,
+             first_k_dense_replace=n_dense, moe_layer_freq=1, kv_lora_rank=cfg.kv_lora_rank,
+             q_lora_rank=cfg.q_lora_rank, qk_nope_head_dim=cfg.qk_nope_dim, qk_rope_head_dim=cfg.qk_rope_dim,
+             v_head_dim=cfg.v_head_dim, routed_scaling_factor=cfg.routed_scale, n_group=cfg.n_groups,
+             topk_group=cfg.topk_groups, attention_bias=False)
+    if cfg.model_type == "deepseek_v2":
+        d.update(scoring_func="softmax", topk_method="group_limited_greedy" if cfg.n_groups > 1 else "greedy")
+    else:
+        d.update(scoring_func="sigmoid", topk_method="noaux_tc", rope_interleave=cfg.rope_interleave)
 
 
 def _canonical(cfg: ModelConfig) -> dict[str, Any]:
@@ -190,6 +277,8 @@ def _canonical(cfg: ModelConfig) -> dict[str, Any]:
     else:
         d["sliding_window_layers"] = sorted(set(cfg.sliding_window_layers))
     d["dense_layers"] = sorted(set(cfg.dense_layers))
+    if cfg.topk_groups == cfg.n_groups:  # every group allowed: no group limit, however grouped
+        d.update(n_groups=1, topk_groups=1, group_score=None)
     kind, rope = _rope_kind(cfg.rope_scaling)
     d["rope_scaling"] = None if kind == "default" else {"rope_type": kind, **rope}
     return d

@@ -65,6 +65,25 @@ _QWEN_MOE: dict[str, Source] = {
     "layers.{layer}.ffn.shared_gate.weight": f"{L}.mlp.shared_expert_gate.weight",
 }
 
+# DeepSeek-V2/V3: multi-head latent attention, a gate-less shared expert block, dense layers in `mlp`.
+_DEEPSEEK: dict[str, Source] = {
+    "layers.{layer}.attn.q_a_proj.weight": f"{L}.self_attn.q_a_proj.weight",
+    "layers.{layer}.attn.q_a_norm.weight": f"{L}.self_attn.q_a_layernorm.weight",
+    "layers.{layer}.attn.q_b_proj.weight": f"{L}.self_attn.q_b_proj.weight",
+    "layers.{layer}.attn.kv_a_proj.weight": f"{L}.self_attn.kv_a_proj_with_mqa.weight",
+    "layers.{layer}.attn.kv_a_norm.weight": f"{L}.self_attn.kv_a_layernorm.weight",
+    "layers.{layer}.attn.kv_b_proj.weight": f"{L}.self_attn.kv_b_proj.weight",
+    "layers.{layer}.ffn.router.gate.weight": f"{L}.mlp.gate.weight",
+    "layers.{layer}.ffn.experts.w13[{expert}]": (
+        f"{L}.mlp.experts.{{expert}}.gate_proj.weight",
+        f"{L}.mlp.experts.{{expert}}.up_proj.weight",
+    ),
+    "layers.{layer}.ffn.experts.w2[{expert}]": f"{L}.mlp.experts.{{expert}}.down_proj.weight",
+    "layers.{layer}.ffn.shared.gate_proj.weight": f"{L}.mlp.shared_experts.gate_proj.weight",
+    "layers.{layer}.ffn.shared.up_proj.weight": f"{L}.mlp.shared_experts.up_proj.weight",
+    "layers.{layer}.ffn.shared.down_proj.weight": f"{L}.mlp.shared_experts.down_proj.weight",
+}
+
 TABLES: dict[str, dict[str, Source]] = {
     "mixtral": {**_TRUNK, **_MIXTRAL_MOE},
     "minimax_m2": {
@@ -75,6 +94,8 @@ TABLES: dict[str, dict[str, Source]] = {
     "qwen2_moe": {**_TRUNK, **_QWEN_MOE},
     "qwen3_moe": {**_TRUNK, **_QWEN_MOE},
     "olmoe": {**_TRUNK, **_QWEN_MOE},
+    "deepseek_v2": {**_TRUNK, **_DEEPSEEK},
+    "deepseek_v3": {**_TRUNK, **_DEEPSEEK, "layers.{layer}.ffn.router.bias": f"{L}.mlp.gate.e_score_correction_bias"},
 }
 
 ARCHITECTURES = {
@@ -83,6 +104,8 @@ ARCHITECTURES = {
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "olmoe": "OlmoeForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
 }
 
 SUPPORTED = tuple(TABLES)

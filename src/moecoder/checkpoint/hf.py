@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,11 +139,21 @@ def _expected_shapes(model: Transformer) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _check_names(plans: dict[str, list[Piece]], files: dict[str, Path], tied: bool) -> None:
+def _extra_layers(cfg: ModelConfig, hf: dict[str, Any]) -> re.Pattern | None:
+    """DeepSeek-V3 checkpoints store their multi-token-prediction modules as layers n_layers.. (unused here)."""
+    n = hf.get("num_nextn_predict_layers") or hf.get("num_mtp_layers") or 0
+    if cfg.model_type != "deepseek_v3" or not n:
+        return None
+    return re.compile(rf"^model\.layers\.({'|'.join(str(cfg.n_layers + i) for i in range(n))})\.")
+
+
+def _check_names(plans: dict[str, list[Piece]], files: dict[str, Path], tied: bool,
+                 skip: re.Pattern | None = None) -> None:
     wanted = {p.name for pieces in plans.values() for p in pieces}
     missing = sorted(wanted - set(files))
     tolerated = {"lm_head.weight"} if tied else set()  # some tied checkpoints store both copies
-    unexpected = sorted(n for n in set(files) - wanted - tolerated if not IGNORED.search(n))
+    unexpected = sorted(n for n in set(files) - wanted - tolerated
+                        if not IGNORED.search(n) and not (skip and skip.search(n)))
     if missing or unexpected:
         parts = []
         if missing:
@@ -174,7 +185,7 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     table = fused_table(TABLES[cfg.model_type]) if fused else TABLES[cfg.model_type]
     shapes = _expected_shapes(model)
     plans = plan(table, shapes)
-    _check_names(plans, files, cfg.tie_embeddings)
+    _check_names(plans, files, cfg.tie_embeddings, _extra_layers(cfg, hf))
 
     reader = _Reader()
     state: dict[str, torch.Tensor] = {}

@@ -36,8 +36,11 @@ class KVCache:
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device="cpu"):
         shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        n_v = cfg.n_layers
+        if cfg.kv_lora_rank is not None:  # MLA (mla.py): one latent [c, k_rope] per token in k, nothing in v
+            shape, n_v = (batch, 1, max_len, cfg.kv_lora_rank + cfg.qk_rope_dim), 0
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_v)]
         self.pos = torch.zeros(batch, dtype=torch.long, device=device)
         self.max_len = max_len
 

@@ -68,6 +68,7 @@ class Router(nn.Module):
         super().__init__()
         self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
         self.score_func, self.norm_topk, self.scale = cfg.score_func, cfg.norm_topk, cfg.routed_scale
+        self.n_groups, self.topk_groups, self.group_score = cfg.n_groups, cfg.topk_groups, cfg.group_score
         self.gate = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
         # Correction bias used for expert *selection* only (aux-loss-free balancing); not trained by SGD.
         self.register_buffer("bias", torch.zeros(cfg.n_experts) if cfg.routing_bias else None)
@@ -79,6 +80,8 @@ class Router(nn.Module):
         else:
             scores_NE = logits_NE.sigmoid()
         choice_NE = scores_NE if self.bias is None else scores_NE + self.bias.float()
+        if self.topk_groups < self.n_groups:
+            choice_NE = self._limit_groups(choice_NE)
         _, ids_NK = torch.topk(choice_NE, self.top_k, dim=-1)
         weights_NK = scores_NE.gather(1, ids_NK)
         if self.norm_topk:
@@ -86,6 +89,19 @@ class Router(nn.Module):
         if self.scale != 1.0:
             weights_NK = weights_NK * self.scale
         return logits_NE, scores_NE, weights_NK, ids_NK
+
+    def _limit_groups(self, choice_NE: torch.Tensor) -> torch.Tensor:
+        """Group-limited routing (DeepSeek): keep the topk_groups best of n_groups expert groups, ranked by
+        their best selection score ("max", V2) or the sum of their two best ("top2", V3); -inf elsewhere."""
+        N = choice_NE.shape[0]
+        grouped_NGe = choice_NE.view(N, self.n_groups, -1)
+        if self.group_score == "max":
+            group_NG = grouped_NGe.amax(dim=-1)
+        else:
+            group_NG = grouped_NGe.topk(2, dim=-1).values.sum(dim=-1)
+        keep_NG = torch.zeros_like(group_NG, dtype=torch.bool)
+        keep_NG.scatter_(1, group_NG.topk(self.topk_groups, dim=-1).indices, True)
+        return grouped_NGe.masked_fill(~keep_NG[..., None], float("-inf")).view(N, -1)
 
 
 class GroupedExperts(nn.Module):

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import Attention, AttentionStep, KVCache, RMSNorm
+from .mla import MLAttention
 from .moe import FeedForward, MoE, RouterStats
 from .rope import rope_cos_sin, rope_frequencies
 
@@ -34,7 +35,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.input_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg, layer)
+        self.attn = MLAttention(cfg, layer) if cfg.is_mla else Attention(cfg, layer)
         self.post_attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer)
         self.ffn = MoE(cfg) if self.is_moe else FeedForward(cfg.dim, cfg.ffn_dim)
