@@ -21,6 +21,10 @@ def test_meta_counts_equal_analytic_formula(name):
         {"n_shared_experts": 2, "shared_ffn_dim": 48, "shared_expert_gate": True, "qkv_bias": True, "qk_norm": "head"},
         {"dense_layers": (0,), "qk_norm": "full", "routing_bias": True},
         {"n_experts": 0},
+        # multi-head latent attention, low-rank and plain query; group-limited routing adds no parameters
+        {"kv_lora_rank": 16, "q_lora_rank": 24, "qk_nope_dim": 8, "qk_rope_dim": 4, "v_head_dim": 12,
+         "n_shared_experts": 1, "dense_layers": (0,), "n_groups": 2},
+        {"kv_lora_rank": 16, "qk_nope_dim": 8, "qk_rope_dim": 4, "v_head_dim": 12, "tie_embeddings": True},
     ],
 )
 def test_variants_counted_the_same_both_ways(kw):
@@ -60,6 +64,24 @@ def test_minimax_m2_near_230b_10b():
     # MiniMax's "10B active" leaves out the 2 x 0.61B embedding + LM head (9.8B); with them it is 11.0B.
     assert abs((c.active - c.embedding) / 10e9 - 1) < 0.03
     assert 10.5e9 < c.active < 11.5e9
+
+
+@pytest.mark.parametrize(
+    "name, total, active",
+    [
+        ("deepseek-v3", 671e9, 37e9),  # 671.03B / 37.55B (36.63B without the embedding lookup)
+        ("deepseek-coder-v2", 236e9, 21e9),  # 235.74B / 21.38B
+    ],
+)
+def test_deepseek_published_totals(name, total, active):
+    c = meta_params(get_preset(name))
+    assert abs(c.total / total - 1) < 0.01
+    assert abs(c.active / active - 1) < 0.02
+
+
+def test_mla_attention_flops_use_qk_and_v_head_dims():
+    cfg = get_preset("deepseek-v3")
+    assert attention_flops(cfg, 10) == cfg.n_layers * 2 * 128 * (192 + 128) * 10
 
 
 def test_flops_and_memory_figures():
