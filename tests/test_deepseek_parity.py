@@ -170,6 +170,8 @@ def test_bf16_error_no_worse_than_transformers(tmp_path):
     hf = _hf_model("v3-groups", seed=3)
     hf.save_pretrained(tmp_path / "ckpt")
     ckpt = load_checkpoint(tmp_path / "ckpt", dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in ckpt.model.parameters())
+    assert ckpt.model.layers[1].ffn.router.bias.dtype == torch.float32  # kept fp32, as transformers keeps it
     prompt = _prompt(hf.config.vocab_size)
     with torch.no_grad():
         ref = hf(prompt).logits

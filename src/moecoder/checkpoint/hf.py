@@ -194,7 +194,9 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
             found = reader.shape(files[p.name], p.name)
             if found != p.shape:
                 raise CheckpointError(f"tensor {p.name}: expected shape {list(p.shape)}, found {list(found)}")
-        state[name] = _assemble(reader, files, pieces, shapes[name], dtype, device)
+        # The selection-only routing bias stays fp32, as transformers keeps it: bf16 rounding would move choices.
+        want = torch.float32 if name.endswith("router.bias") else dtype
+        state[name] = _assemble(reader, files, pieces, shapes[name], want, device)
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["embed.weight"]
     model.load_state_dict(state, strict=True, assign=True)
