@@ -381,3 +381,33 @@ def test_cannot_save_what_deepseek_v2_cannot_express():
         to_hf_config(cfg.replace(routing_bias=True))
     with pytest.raises(CheckpointError, match="cannot express .*dense_layers=\\[1\\]"):
         to_hf_config(cfg.replace(dense_layers=(1,)))
+
+
+def test_expert_count_aliases():
+    released = {k: v for k, v in RELEASED["deepseek-v3"].items() if k != "n_routed_experts"}
+    assert from_hf_config({**released, "num_local_experts": 256}) == get_preset("deepseek-v3")
+    assert from_hf_config({**released, "num_experts": 256}) == get_preset("deepseek-v3")
+    with pytest.raises(CheckpointError, match="missing required field.*n_routed_experts"):
+        from_hf_config(released)
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"qk_rope_dim": None}, "needs qk_nope_dim, qk_rope_dim and v_head_dim"),
+        ({"qk_norm": "head"}, "multi-head latent attention does not support qk_norm"),
+        ({"qk_rope_dim": 5}, "qk_rope_dim=5 must be even"),
+        ({"n_groups": 3}, "n_experts=8 is not divisible by n_groups=3"),
+        ({"topk_groups": 5}, "1 <= topk_groups <= n_groups"),
+        ({"top_k": 5, "topk_groups": 2}, "top_k=5 exceeds the 2 x 2 experts"),
+        ({"group_score": "sum"}, "group_score must be 'max' or 'top2'"),
+    ],
+)
+def test_bad_mla_and_group_configs_are_named(kw, message):
+    from moecoder.config import ConfigError
+
+    base = _mla_model().cfg
+    with pytest.raises(ConfigError, match=message):
+        base.replace(**kw)
+    with pytest.raises(ConfigError, match="rope_interleave is only implemented"):
+        get_preset("debug").replace(rope_interleave=True)
