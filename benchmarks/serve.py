@@ -30,6 +30,7 @@ import httpx
 import torch
 
 from moecoder.checkpoint import save_checkpoint
+from moecoder.checkpoint.hf import read_config
 from moecoder.config import get_preset
 from moecoder.model import Transformer
 from moecoder.tokenizer import train_byte_bpe
@@ -134,6 +135,8 @@ def report(name: str, r: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="bench-mixtral")
+    ap.add_argument("--model", type=Path, default=None,
+                    help="serve this checkpoint folder instead of a random-weight --preset model")
     ap.add_argument("--vocab", type=int, default=2048, help="tokenizer (and model) vocabulary size")
     ap.add_argument("--clients", type=int, default=8, help="concurrent streams")
     ap.add_argument("--requests", type=int, default=None, help="total requests (default: 2 x --clients)")
@@ -154,7 +157,7 @@ def main() -> None:
     modes = {f"batched (max-batch {args.clients})": args.clients, "one at a time (max-batch 1)": 1}
     runs: dict[str, list[dict]] = {name: [] for name in modes}
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = build_checkpoint(args.preset, args.vocab, Path(tmp))
+        ckpt = args.model or build_checkpoint(args.preset, args.vocab, Path(tmp))
         servers = {name: start_server(ckpt, mb, args.threads, context) for name, mb in modes.items()}
         try:
             # Alternate the two servers round by round, so load from other processes on a shared
@@ -166,9 +169,10 @@ def main() -> None:
             for proc, _ in servers.values():
                 proc.terminate()
                 proc.wait(timeout=30)
-    cfg = get_preset(args.preset)
-    print(f"model: {args.preset} random weights (dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_experts} experts "
-          f"top-{cfg.top_k}, vocab {args.vocab}); {args.clients} concurrent streaming clients, {requests} requests "
+    cfg = read_config(args.model) if args.model else get_preset(args.preset).replace(vocab_size=args.vocab)
+    what = str(args.model) if args.model else f"{args.preset} random weights"
+    print(f"model: {what} (dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_experts} experts "
+          f"top-{cfg.top_k}, vocab {cfg.vocab_size}); {args.clients} concurrent streaming clients, {requests} requests "
           f"of {args.max_tokens // 2}-{args.max_tokens * 3 // 2} output tokens, {args.rounds} alternating rounds; "
           f"server --threads {args.threads}; loopback HTTP; CPU ({os.cpu_count()} cores)")
     medians = {}

@@ -202,3 +202,35 @@ def test_tiny_temperature_and_top_p_sample_the_argmax():
     gens = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
     for params in (SamplingParams(temperature=1e-30, seed=0), SamplingParams(temperature=1.0, top_p=1e-50, seed=0)):
         assert sample(logits, params, gens).tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("scale", [0.5, 3.0, 8.0])  # flat to peaked distributions
+def test_top_p_filter_equals_a_full_sort(scale):
+    from moecoder.generate import _top_p_filter
+
+    g = torch.Generator().manual_seed(int(scale * 10))
+    probs = (torch.randn(6, 3000, generator=g) * scale).softmax(-1)
+    top_p = torch.tensor([0.05, 0.5, 0.9, 0.99, 1.0, 1e-9])
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    drop_sorted = (sorted_p.cumsum(-1) - sorted_p) >= top_p[:, None]
+    drop_sorted[:, 0] = False
+    drop_sorted[top_p >= 1] = False  # top_p 1 keeps everything (a float cumsum may reach 1 early)
+    expected = probs.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), 0.0)
+    assert torch.equal(_top_p_filter(probs, top_p), expected)
+
+
+def test_sample_rows_uses_each_rows_settings_and_generator():
+    from moecoder.generate import sample_rows
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 3))
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    draws = torch.stack([sample_rows(logits, torch.tensor([1.0, 1.0, 1e-3]), torch.tensor([0.7, 1.0, 1.0]), gens)
+                         for _ in range(3000)])
+    assert set(draws[:, 0].tolist()) == {0, 1}  # top_p 0.7 keeps the first two
+    assert set(draws[:, 2].tolist()) == {0}  # temperature 1e-3 is greedy in effect
+    freq = torch.bincount(draws[:, 1], minlength=4).float() / 3000
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
+    # row 1 alone, from a fresh generator with the same seed, draws the same tokens
+    again = [int(sample_rows(logits[1:2], torch.tensor([1.0]), None, [g]))
+             for g in [torch.Generator().manual_seed(2)] for _ in range(50)]
+    assert again == draws[:50, 1].tolist()

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -94,6 +95,38 @@ class _Gate:
         return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
 
 
+class _EventBridge:
+    """Hands engine events to the event loop with one wake-up per burst, not one per event.
+
+    The engine emits one event per sequence per step; `call_soon_threadsafe` for each would cost a
+    self-pipe write (a syscall on the engine thread) per token per stream. Events are queued here
+    and one scheduled drain delivers every event that arrived before it ran.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.pending: list[tuple[asyncio.Queue, Event]] = []
+
+    def put(self, queue: asyncio.Queue, ev: Event) -> None:
+        with self.lock:
+            self.pending.append((queue, ev))
+            wake = len(self.pending) == 1
+        if wake:
+            try:
+                self.loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                with self.lock:
+                    self.pending.clear()
+                raise
+
+    def _drain(self) -> None:
+        with self.lock:
+            items, self.pending = self.pending, []
+        for queue, ev in items:
+            queue.put_nowait(ev)
+
+
 class _SSE(StreamingResponse):
     """A streaming response that runs `on_close` however the stream ends (done, error, disconnect)."""
 
@@ -151,6 +184,8 @@ def create_app(engine: Engine, codec: ChatCodec, model_name: str, *, api_key: st
     async def _unexpected(request: Request, e: Exception):
         return _error_response(500, f"internal error: {type(e).__name__}", "server_error", None, None)
 
+    bridges: dict[str, Any] = {}
+
     # --- helpers ---
     def check_request(req) -> None:
         if req.model != model_name:
@@ -186,10 +221,13 @@ def create_app(engine: Engine, codec: ChatCodec, model_name: str, *, api_key: st
         if len(prompts_ids) * req.n > MAX_CHOICES:
             raise APIError(400, f"prompts x n = {len(prompts_ids) * req.n} exceeds {MAX_CHOICES}", param="n")
         loop = asyncio.get_running_loop()
+        if bridges.get("loop") is not loop:  # one bridge per event loop (tests may run several)
+            bridges["loop"], bridges["bridge"] = loop, _EventBridge(loop)
+        bridge: _EventBridge = bridges["bridge"]
         queue: asyncio.Queue[Event] = asyncio.Queue()
 
         def sink(ev: Event) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, ev)
+            bridge.put(queue, ev)
 
         seqs = []
         for pi, ids in enumerate(prompts_ids):

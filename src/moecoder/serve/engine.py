@@ -29,7 +29,7 @@ from typing import Protocol
 import torch
 
 from ..generate import SamplingParams as Sampling
-from ..generate import StopMatcher, sample
+from ..generate import StopMatcher, sample_rows
 from ..model import KVCache, Transformer
 
 log = logging.getLogger(__name__)
@@ -361,10 +361,19 @@ class Engine:
 
     def _sample_and_emit(self, logits_NV: torch.Tensor, rows: range) -> None:
         seqs = [self.running[r] for r in rows]
-        tokens = logits_NV.argmax(-1).tolist()
-        for i, s in enumerate(seqs):
-            if s.sampling.temperature > 0:  # each row its own generator: batch-independent draws
-                tokens[i] = int(sample(logits_NV[i : i + 1], s.sampling, [s.generator]))
+        sampled = [i for i, s in enumerate(seqs) if s.sampling.temperature > 0]
+        if len(sampled) < len(seqs):
+            tokens = logits_NV.argmax(-1).tolist()
+        else:
+            tokens = [0] * len(seqs)
+        if sampled:  # one batched pass; each row its own generator, so draws do not depend on the batch
+            pick = [seqs[i] for i in sampled]
+            rows_V = logits_NV if len(sampled) == len(seqs) else logits_NV[sampled]
+            top_p = [s.sampling.top_p or 1.0 for s in pick]
+            drawn = sample_rows(rows_V, torch.tensor([s.sampling.temperature for s in pick]),
+                                torch.tensor(top_p) if min(top_p) < 1 else None, [s.generator for s in pick])
+            for i, tok in zip(sampled, drawn.tolist()):
+                tokens[i] = tok
         now = time.perf_counter()
         finished: list[tuple[int, str]] = []
         for r, s, tok in zip(rows, seqs, tokens):
