@@ -1,6 +1,7 @@
 """The decoder: embeddings -> N x (attention + dense FFN or MoE) -> norm -> logits.
 
-Pure math: no I/O. `forward` returns logits and the router statistics of every MoE layer.
+Pure math: no I/O. `forward` returns logits (or, given targets, the fused LM-head cross-entropy)
+and the router statistics of every MoE layer.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import Attention, AttentionStep, KVCache, RMSNorm
+from .loss import IGNORE_INDEX, fused_ce_supported, linear_cross_entropy
 from .mla import MLAttention
 from .moe import FeedForward, MoE, RouterStats
 from .rope import rope_cos_sin, rope_frequencies
@@ -19,16 +21,22 @@ from .rope import rope_cos_sin, rope_frequencies
 
 @dataclass
 class ForwardOutput:
-    logits: torch.Tensor  # [B, T, V] (or [B, 1, V] at the positions asked for)
+    logits: torch.Tensor | None  # [B, T, V] (or [B, 1, V] at the positions asked for); None given targets
     router: list[RouterStats] = field(default_factory=list)  # one per MoE layer
+    ce_loss: torch.Tensor | None = None  # given targets: ce_scale * summed cross-entropy (differentiable)
+    ce_sum: torch.Tensor | None = None  # given targets: summed cross-entropy, fp32, detached
+
+    @property
+    def _device(self) -> torch.device:
+        return (self.logits if self.logits is not None else self.ce_sum).device
 
     @property
     def lb_loss(self) -> torch.Tensor:
-        return sum((s.lb_loss for s in self.router), torch.zeros((), device=self.logits.device))
+        return sum((s.lb_loss for s in self.router), torch.zeros((), device=self._device))
 
     @property
     def z_loss(self) -> torch.Tensor:
-        return sum((s.z_loss for s in self.router), torch.zeros((), device=self.logits.device))
+        return sum((s.z_loss for s in self.router), torch.zeros((), device=self._device))
 
 
 class Block(nn.Module):
@@ -69,6 +77,8 @@ class Transformer(nn.Module):
         tokens_BT: torch.Tensor,
         cache: KVCache | None = None,
         logits_at: torch.Tensor | None = None,
+        targets_BT: torch.Tensor | None = None,
+        ce_scale: float = 1.0,
     ) -> ForwardOutput:
         """Run the model.
 
@@ -76,6 +86,11 @@ class Transformer(nn.Module):
         tokens sit at cache.pos[b].. and the cache is advanced by T for every row; callers that
         right-pad rows set cache.pos themselves afterwards. `logits_at` [B] picks one position
         per row to project to the vocabulary (saves the LM head on prefill).
+
+        `targets_BT` (training, scoring; IGNORE_INDEX marks padding) skips the logits: the LM head
+        and the cross-entropy run fused in token chunks (model/loss.py), the output's `ce_sum` is
+        the summed cross-entropy and `ce_loss` that sum times `ce_scale`, differentiable; `logits`
+        is None. The gradients equal those of `F.cross_entropy(logits, ..., reduction="sum")`.
         """
         B, T = tokens_BT.shape
         steps = torch.arange(T, device=tokens_BT.device)
@@ -93,8 +108,18 @@ class Transformer(nn.Module):
             cache.pos[:B] += T
         if logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at][:, None]
-        logits = self.lm_head(self.norm(x))
-        return ForwardOutput(logits, stats)
+        h = self.norm(x)
+        if targets_BT is not None:
+            if fused_ce_supported(h.device.type):
+                ce_loss, ce_sum = linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets_BT.flatten(),
+                                                       scale=ce_scale, ignore_index=IGNORE_INDEX)
+            else:  # fp16 autocast: the plain formulation
+                logits = self.lm_head(h).float().flatten(0, 1)
+                ce = torch.nn.functional.cross_entropy(logits, targets_BT.flatten(), ignore_index=IGNORE_INDEX,
+                                                       reduction="sum")
+                ce_loss, ce_sum = ce * ce_scale, ce.detach()
+            return ForwardOutput(None, stats, ce_loss=ce_loss, ce_sum=ce_sum)
+        return ForwardOutput(self.lm_head(h), stats)
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:

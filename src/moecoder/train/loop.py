@@ -21,17 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
 from ..model import Transformer
+from ..model.loss import IGNORE_INDEX
 from . import distributed as D
 from .metrics import MetricsLogger
 from .optim import build_optimizer, set_lr
 from .schedule import SCHEDULES, Schedule
 
-IGNORE_INDEX = -100
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -178,10 +177,9 @@ def train_step(
     for i, (x_BT, y_BT) in enumerate(micro_batches):
         with D.grad_sync(model, enabled=i == n_micro - 1):
             with torch.autocast(device.type, dtype=opts.autocast_dtype, enabled=opts.autocast_dtype is not None):
-                out = model(x_BT)
-            logits = out.logits.float()
-            ce = F.cross_entropy(logits.flatten(0, 1), y_BT.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-            loss = ce * ce_scale
+                # The LM head and cross-entropy run fused inside the model: no [B, T, V] logits.
+                out = model(x_BT, targets_BT=y_BT, ce_scale=ce_scale)
+            loss = out.ce_loss
             if out.router:
                 lb, z = out.lb_loss, out.z_loss
                 loss = loss + (opts.lb_coef * lb + opts.z_coef * z) / n_micro
@@ -192,7 +190,7 @@ def train_step(
                 opts.scaler.scale(loss).backward()
             else:
                 loss.backward()
-        ce_sum += ce.detach().double()
+        ce_sum += out.ce_sum.double()
 
     if opts.scaler is not None:
         opts.scaler.unscale_(optimizer)
@@ -253,8 +251,7 @@ def evaluate(model: nn.Module, batches, autocast_dtype: torch.dtype | None) -> f
     totals = None
     for x_BT, y_BT in batches:
         with torch.autocast(x_BT.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(x_BT).logits
-        ce = F.cross_entropy(logits.float().flatten(0, 1), y_BT.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+            ce = model(x_BT, targets_BT=y_BT).ce_sum
         t = torch.stack([ce.double(), (y_BT != IGNORE_INDEX).sum().double()])
         totals = t if totals is None else totals + t
     model.train(was_training)

@@ -1,0 +1,141 @@
+"""LM head + cross-entropy fused and chunked over tokens, for training.
+
+Shape legend: N tokens, C model dim, V vocabulary, c tokens per chunk.
+
+The plain formulation `F.cross_entropy(h @ W.T, y, reduction="sum")` materialises [N, V] logits,
+their log-softmax and, in backward, two more [N, V] gradients: on CPU those fresh 100+ MB
+buffers (page faults, memory passes) cost as much as a third of the head's matmuls. Here each
+chunk of c tokens goes through logits -> log-softmax -> softmax - onehot -> both gradient matmuls
+while the chunk is still in cache, so no [N, V] tensor ever exists. The gradients are computed in
+the forward (the loss is the root of the graph, so its incoming gradient is a known scalar):
+backward only hands them over, scaled by the incoming gradient when it is not the one the caller
+announced.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+# Tokens per chunk: a chunk's logits are c x V fp32 (32 MB for V = 32000, c = 256). Smaller chunks
+# make the weight-gradient matmul (contraction over c) less efficient; larger ones leave cache.
+_CHUNK_ELEMENTS = 1 << 23
+
+
+def chunk_tokens(vocab: int) -> int:
+    return max(16, min(1024, _CHUNK_ELEMENTS // max(vocab, 1)))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h_NC, w_VC, y_N, scale: float, ignore_index: int, chunk: int, compute_dtype):
+        N, V = h_NC.shape[0], w_VC.shape[0]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        cd = compute_dtype or h_NC.dtype
+        h_cd, w_cd = h_NC.to(cd), w_VC.to(cd)
+        valid_N = y_N != ignore_index
+        safe_y_N = torch.where(valid_N, y_N, 0)
+        # Per-token weight of its gradient: `scale` for real targets, 0 for ignored ones. Applied to the
+        # small [c, C] operands/results instead of the [c, V] softmax.
+        rowscale_N = valid_N.to(torch.float32) * scale
+        loss_N = torch.empty(N, dtype=torch.float32, device=h_NC.device)
+        grad_h = torch.empty(h_NC.shape, dtype=h_NC.dtype, device=h_NC.device) if need_h else None
+        grad_w = torch.empty(w_VC.shape, dtype=torch.float32, device=w_VC.device) if need_w else None
+        c = min(chunk, max(N, 1))
+        logits = torch.empty(c, V, dtype=cd, device=h_NC.device)
+        probs = torch.empty(c, V, dtype=torch.float32, device=h_NC.device)
+        for lo in range(0, N, c):
+            hi = min(lo + c, N)
+            n = hi - lo
+            z = logits[:n]
+            torch.mm(h_cd[lo:hi], w_cd.t(), out=z)
+            # One softmax pass (cheaper than log_softmax + exp on CPU); the loss is -log(p_target).
+            p = torch._softmax(z if cd == torch.float32 else z.float(), 1, False, out=probs[:n])
+            rows = torch.arange(n, device=h_NC.device)
+            y = safe_y_N[lo:hi]
+            p_y = p[rows, y]
+            loss_N[lo:hi] = _target_nll(z, rows, y, p_y)
+            if not (need_h or need_w):
+                continue
+            p[rows, y] = p_y - 1.0  # d(CE)/d(logits) = softmax - onehot (ignored targets: weight 0 below)
+            g = p if cd == torch.float32 else p.to(cd)
+            s = rowscale_N[lo:hi, None]
+            if need_h:
+                gh = torch.mm(g, w_cd, out=grad_h[lo:hi]) if cd == grad_h.dtype else torch.mm(g, w_cd)
+                grad_h[lo:hi] = gh.mul_(s.to(gh.dtype))
+            if need_w:
+                hs = (h_NC[lo:hi].float() * s).to(cd)
+                if cd != torch.float32:
+                    part = torch.mm(g.t(), hs).float()
+                    grad_w.copy_(part) if lo == 0 else grad_w.add_(part)
+                elif lo == 0:
+                    torch.mm(g.t(), hs, out=grad_w)
+                else:
+                    grad_w.addmm_(g.t(), hs)
+        loss_N = torch.where(valid_N, loss_N, 0.0)
+        ce_sum = loss_N.sum()
+        ctx.scale = scale
+        ctx.save_for_backward(grad_h, grad_w.to(w_VC.dtype) if need_w else None)
+        ctx.mark_non_differentiable(ce_sum)
+        return ce_sum * scale, ce_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_sum):
+        grad_h, grad_w = ctx.saved_tensors
+        if grad_loss is None:
+            return (None,) * 7
+        # The gradients were computed for d(loss) = 1. Skip the rescale when that is what arrived (the
+        # usual loss.backward() on CPU: reading a CPU scalar costs nothing); else scale out of place
+        # (in place would change the saved tensors under retain_graph).
+        if grad_loss.device.type == "cpu" and float(grad_loss) == 1.0:
+            return grad_h, grad_w, None, None, None, None, None
+        g = grad_loss.to(torch.float32)
+        return (grad_h * g.to(grad_h.dtype) if grad_h is not None else None,
+                grad_w * g.to(grad_w.dtype) if grad_w is not None else None,
+                None, None, None, None, None)
+
+
+def _target_nll(z_nV: torch.Tensor, rows: torch.Tensor, y_n: torch.Tensor, p_y: torch.Tensor) -> torch.Tensor:
+    """-log softmax(z)[y] from p_y = softmax(z)[y]; rows whose p_y is too small to log accurately
+    (loss > ~69, p_y near or below fp32's normal range) get logsumexp(z) - z[y] instead."""
+    nll = -torch.log(p_y)
+    tiny = p_y < 1e-30
+    if z_nV.device.type != "cpu" or bool(tiny.any()):  # no host sync off CPU: compute for every row
+        exact = torch.logsumexp(z_nV.float(), dim=1) - z_nV[rows, y_n].float()
+        nll = torch.where(tiny, exact, nll)
+    return nll
+
+
+def linear_cross_entropy(
+    h_NC: torch.Tensor,
+    w_VC: torch.Tensor,
+    y_N: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    ignore_index: int = IGNORE_INDEX,
+    chunk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale * sum_n CE(h_n @ W.T, y_n), sum_n CE) over targets != ignore_index, without [N, V] logits.
+
+    The first is differentiable wrt h and W (exactly the gradient of the plain formulation times
+    `scale`); the second is a detached fp32 sum for logging. Under CPU/CUDA autocast to bf16 the
+    matmuls run in bf16 with fp32 softmax and fp32 accumulation of the weight gradient, as the
+    plain `F.linear` + `.float()` + `F.cross_entropy` does (other autocast dtypes: use the plain path).
+    """
+    if h_NC.dim() != 2 or w_VC.dim() != 2 or y_N.shape != h_NC.shape[:1]:
+        raise ValueError(f"need h [N, C], W [V, C], y [N]; got {tuple(h_NC.shape)}, {tuple(w_VC.shape)}, "
+                         f"{tuple(y_N.shape)}")
+    cd = None
+    if torch.is_autocast_enabled(h_NC.device.type):
+        cd = torch.get_autocast_dtype(h_NC.device.type)
+        if cd != torch.bfloat16:
+            raise ValueError(f"linear_cross_entropy supports bf16 autocast only, not {cd}")
+    with torch.autocast(h_NC.device.type, enabled=False):
+        return _LinearCrossEntropy.apply(h_NC, w_VC, y_N, float(scale), ignore_index,
+                                         chunk or chunk_tokens(w_VC.shape[0]), cd)
+
+
+def fused_ce_supported(device_type: str) -> bool:
+    """Whether the current autocast state allows `linear_cross_entropy` (off, or bf16)."""
+    return not torch.is_autocast_enabled(device_type) or torch.get_autocast_dtype(device_type) == torch.bfloat16

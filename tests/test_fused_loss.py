@@ -1,0 +1,163 @@
+"""The fused, chunked LM head + cross-entropy (model/loss.py) against the plain formulation on full logits."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moecoder.config import get_preset
+from moecoder.model import Transformer
+from moecoder.model.loss import IGNORE_INDEX, linear_cross_entropy
+from moecoder.train.loop import StepOptions, train_step
+
+
+def _inputs(N=37, C=24, V=101, seed=0, ignore_every=5):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, C, generator=g, dtype=torch.float64).float()
+    w = (torch.randn(V, C, generator=g) * 0.3).float()
+    y = torch.randint(0, V, (N,), generator=g)
+    if ignore_every:
+        y[::ignore_every] = IGNORE_INDEX
+    return h, w, y
+
+
+def _plain(h, w, y, scale):
+    h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
+    ce = F.cross_entropy(h @ w.t(), y, ignore_index=IGNORE_INDEX, reduction="sum")
+    (ce * scale).backward()
+    return ce.detach(), h.grad, w.grad
+
+
+def _fused(h, w, y, scale, chunk=None, grad_out=None):
+    h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss, ce = linear_cross_entropy(h, w, y, scale=scale, chunk=chunk)
+    (loss if grad_out is None else loss * grad_out).backward()
+    return loss.detach(), ce, h.grad, w.grad
+
+
+@pytest.mark.parametrize("chunk", [1, 8, 10, 37, 64])
+def test_loss_and_grads_match_cross_entropy_on_full_logits_with_ignored_targets(chunk):
+    h, w, y = _inputs()
+    n_targets = int((y != IGNORE_INDEX).sum())
+    scale = 1.0 / n_targets  # the loop's global token-count normalisation
+    ce_ref, gh_ref, gw_ref = _plain(h, w, y, scale)
+    loss, ce, gh, gw = _fused(h, w, y, scale, chunk=chunk)
+    torch.testing.assert_close(ce, ce_ref, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(loss, ce_ref * scale, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(gh, gh_ref, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-5, atol=1e-7)
+    assert (gh[y == IGNORE_INDEX] == 0).all()  # padding positions get no gradient
+
+
+def test_rescales_when_the_incoming_gradient_is_not_one():
+    h, w, y = _inputs()
+    _, gh_ref, gw_ref = _plain(h, w, y, 0.25 * 3.0)
+    _, _, gh, gw = _fused(h, w, y, 0.25, grad_out=3.0)
+    torch.testing.assert_close(gh, gh_ref, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-5, atol=1e-7)
+
+
+def test_all_targets_ignored_gives_zero_loss_and_grads():
+    h, w, y = _inputs(N=6)
+    y[:] = IGNORE_INDEX
+    loss, ce, gh, gw = _fused(h, w, y, 1.0, chunk=4)
+    assert float(loss) == 0.0 and float(ce) == 0.0
+    assert not gh.any() and not gw.any()
+
+
+def test_tiny_target_probability_keeps_the_exact_loss():
+    # The target's softmax probability underflows fp32 (loss ~ 200): the loss must stay finite and exact.
+    h, _, y = _inputs(N=4, C=16, V=16, ignore_every=0)
+    w = torch.eye(16)  # logits = h
+    h[0, y[0]] = -150.0  # p_target = e^-150: 0 in fp32
+    h[1, y[1]] = -80.0  # p_target ~ 1e-35: subnormal territory
+    ce_ref, gh_ref, gw_ref = _plain(h, w, y, 1.0)
+    _, ce, gh, gw = _fused(h, w, y, 1.0, chunk=2)
+    assert float(ce_ref) > 100
+    torch.testing.assert_close(ce, ce_ref, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(gh, gh_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_no_grad_computes_only_the_loss():
+    h, w, y = _inputs()
+    with torch.no_grad():
+        loss, ce = linear_cross_entropy(h, w, y)
+    ref = F.cross_entropy(h @ w.t(), y, ignore_index=IGNORE_INDEX, reduction="sum")
+    torch.testing.assert_close(ce, ref, rtol=1e-6, atol=1e-5)
+    assert not loss.requires_grad
+
+
+def test_bf16_autocast_is_close_to_the_plain_autocast_formulation():
+    h, w, y = _inputs(N=64, C=32, V=300)
+    hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy(F.linear(hr, wr).float(), y, ignore_index=IGNORE_INDEX, reduction="sum")
+    ref.backward()
+    hf, wf = h.clone().requires_grad_(), w.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = linear_cross_entropy(hf, wf, y, chunk=16)
+    loss.backward()
+    assert hf.grad.dtype == wf.grad.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(hf.grad, hr.grad, rtol=3e-2, atol=3e-3)
+    torch.testing.assert_close(wf.grad, wr.grad, rtol=3e-2, atol=3e-3)
+
+
+def _tiny_model(**kw):
+    cfg = get_preset("debug").replace(ffn_dim=64, norm_topk=True, **kw)
+    model = Transformer(cfg)
+    model.init_weights(seed=1)
+    return model
+
+
+def _batch(model, B=4, T=12):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, model.cfg.vocab_size, (B, T), generator=g)
+    y = torch.randint(0, model.cfg.vocab_size, (B, T), generator=g)
+    y[1, 7:] = IGNORE_INDEX  # a right-padded row
+    y[3, :2] = IGNORE_INDEX
+    return x, y
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_model_forward_with_targets_matches_logits_and_cross_entropy(tied):
+    model = _tiny_model(tie_embeddings=tied)
+    ref = copy.deepcopy(model)
+    x, y = _batch(model)
+    scale = 1.0 / int((y != IGNORE_INDEX).sum())
+    out = model(x, targets_BT=y, ce_scale=scale)
+    assert out.logits is None
+    out.ce_loss.backward()
+    ref_out = ref(x)
+    ce_ref = F.cross_entropy(ref_out.logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    (ce_ref * scale).backward()
+    torch.testing.assert_close(out.ce_sum, ce_ref.detach(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(out.lb_loss, ref_out.lb_loss)
+    for (name, p), p_ref in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+class _GradRecorder(torch.optim.SGD):
+    def step(self, closure=None):
+        self.grads = [p.grad.clone() for g in self.param_groups for p in g["params"]]
+        return super().step(closure)
+
+
+def test_train_step_matches_the_plain_loss_with_global_token_normalisation():
+    model = _tiny_model()
+    ref = copy.deepcopy(model)
+    x, y = _batch(model)
+    opt = _GradRecorder(model.parameters(), lr=0.0)
+    res = train_step(model, opt, list(zip(x.split(2), y.split(2))), 0.0, StepOptions(clip=0.0))
+    n = int((y != IGNORE_INDEX).sum())
+    assert res.target_tokens == n
+    total = 0.0
+    for xm, ym in zip(x.split(2), y.split(2)):
+        ce = F.cross_entropy(ref(xm).logits.flatten(0, 1), ym.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        (ce / n).backward()
+        total += float(ce.detach())
+    assert res.loss == pytest.approx(total / n, rel=1e-6)
+    for name, g, p_ref in zip([n for n, _ in model.named_parameters()], opt.grads, ref.parameters()):
+        torch.testing.assert_close(g, p_ref.grad, rtol=1e-5, atol=1e-7, msg=name)
