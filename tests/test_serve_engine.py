@@ -324,3 +324,27 @@ def test_random_mix_with_cancellations_keeps_every_row_right(model, codec, seed)
         assert engine.stats()["kv_used_tokens"] == 0 and engine.failed_steps == 0
     finally:
         engine.shutdown()
+
+
+def test_mla_model_batches_right_and_budgets_the_latent_cache(codec):
+    """A DeepSeek-style model (latent KV cache, group-limited sigmoid routing, a dense first layer):
+    batched rows, row compaction and chunked prefill give the reference tokens, and the KV budget
+    counts the latent (kv_lora_rank + qk_rope_dim per token and layer), not per-head keys/values."""
+    mla = build_model(codec, kv_lora_rank=16, q_lora_rank=None, qk_nope_dim=8, qk_rope_dim=4, v_head_dim=8,
+                      rope_interleave=True, score_func="sigmoid", routing_bias=True, n_groups=2, topk_groups=1,
+                      group_score="top2", dense_layers=(0,))
+    per_token = mla.cfg.n_layers * (16 + 4) * 4
+    assert kv_bytes_per_token(mla, torch.float32) == per_token
+    engine = Engine(mla, codec, [], max_batch=8, max_context=64, kv_budget_mb=2.5 * per_token * 64 / 2**20,
+                    prefill_chunk=5)
+    assert engine.slots == 2 and engine.cache.nbytes() == 2 * 64 * per_token
+    prompts = [codec.encode(p) for p in PROMPTS]
+    max_tokens = [6, 3, 5, 2, 4]
+    refs = [reference_greedy(mla, p, n) for p, n in zip(prompts, max_tokens)]
+    engine.start()
+    try:
+        seqs = [make_seq(p, n) for p, n in zip(prompts, max_tokens)]
+        run_all(engine, seqs)
+        assert [s.out_ids for s in seqs] == refs
+    finally:
+        engine.shutdown()

@@ -29,6 +29,7 @@ from typing import Protocol
 import torch
 
 from ..generate import SamplingParams as Sampling
+from .. import sizing
 from ..generate import StopMatcher, sample_rows
 from ..model import KVCache, Transformer
 
@@ -123,8 +124,8 @@ class TextStream:
 
 
 def kv_bytes_per_token(model: Transformer, dtype: torch.dtype) -> int:
-    cfg = model.cfg
-    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+    """Cache bytes one token takes in every layer (MLA models cache a latent, not per-head K/V)."""
+    return sizing.kv_bytes_per_token(model.cfg, torch.empty((), dtype=dtype).element_size())
 
 
 def _row_view(cache: KVCache, start: int, stop: int) -> KVCache:
