@@ -88,14 +88,14 @@ def test_bench_cost_prints_dollars_per_million(ckpt_dir):
 
 
 def test_evaluation_harness_end_to_end_against_moecoder_serve(tmp_path):
-    """`moecoder eval` (OpenAI-compatible backend) against `moecoder serve` running the bundled model:
-    usage comes from the server (not estimated) and every sample gets a real verdict."""
+    """`moecoder eval` (OpenAI-compatible backend) against `moecoder serve` running the bundled model
+    (the default without --model): usage comes from the server (not estimated) and every sample gets
+    a real verdict."""
     import json
 
-    from moecoder.engine_cli import BUNDLED_MODEL
-
-    with served("--model", BUNDLED_MODEL, "--max-batch", 2, "--threads", 1) as url:
+    with served("--max-batch", 2, "--threads", 1) as url:
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+        assert model == "default-model"
         out = tmp_path / "run"
         res = subprocess.run(moecoder("eval", "run", "--suite", "humaneval", "--backend", "openai", "--base-url",
                                       url + "/v1", "--model", model, "--template", "completion@1", "--limit", 3,

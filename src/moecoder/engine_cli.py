@@ -146,7 +146,7 @@ def _load(model_dir: Path, dtype: str, device: str):
     return ckpt, tok
 
 
-def _default_model() -> Path:
+def default_model() -> Path:
     if (BUNDLED_MODEL / "config.json").is_file():
         return BUNDLED_MODEL
     raise UserError("no bundled model in this install; pass --model DIR (a checkpoint folder with a tokenizer)")
@@ -206,7 +206,7 @@ def generate_cmd(
     _set_threads(threads)
     if prompt == "-":
         prompt = sys.stdin.read()
-    model_dir = model if model is not None else _default_model()
+    model_dir = model if model is not None else default_model()
     ckpt, tok = _load(model_dir, dtype, device)
     stats = _run_generation(ckpt, tok, prompt, chat=chat, stream=stream, max_new_tokens=max_new_tokens,
                             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop)

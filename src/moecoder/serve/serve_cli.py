@@ -9,6 +9,13 @@ from pathlib import Path
 import typer
 
 
+def default_model() -> Path:
+    """The bundled model's folder (moecoder.engine_cli, imported late like UserError)."""
+    from ..engine_cli import default_model as bundled
+
+    return bundled()
+
+
 def UserError(message: str) -> Exception:
     """moecoder.cli.UserError, imported late: cli.py imports this module to register it."""
     from ..errors import UserError as _UserError
@@ -54,7 +61,8 @@ def load_engine(model_dir: Path, *, dtype: str = "float32", device: str = "cpu",
 
 
 def serve_cmd(
-    model: Path = typer.Option(..., "--model", help="Checkpoint folder (config.json, safetensors, tokenizer)."),
+    model: Path | None = typer.Option(None, "--model", help="Checkpoint folder (config.json, safetensors, "
+                                      "tokenizer; default: the bundled model)."),
     host: str = typer.Option("127.0.0.1", help="Address to bind; keep loopback unless an API key is set."),
     port: int = typer.Option(8000, help="TCP port."),
     api_key_env: str | None = typer.Option(None, help="Name of an environment variable holding the Bearer API key."),
@@ -76,6 +84,7 @@ def serve_cmd(
             raise UserError(f"--api-key-env {api_key_env}: that environment variable is unset or empty")
     if not 1 <= port <= 65535:
         raise UserError(f"--port must be in 1..65535, got {port}")
+    model = model or default_model()
     engine, tok, ckpt = load_engine(model, dtype=dtype, device=device, threads=threads, max_batch=max_batch,
                                     max_context=max_context, max_queue=max_queue, kv_budget_mb=kv_budget_mb,
                                     prefill_chunk=prefill_chunk)
@@ -95,7 +104,7 @@ def serve_cmd(
 
 @bench_app.command("cost")
 def cost_cmd(
-    model: Path = typer.Option(..., "--model", help="Checkpoint folder."),
+    model: Path | None = typer.Option(None, "--model", help="Checkpoint folder (default: the bundled model)."),
     usd_per_hour: float = typer.Option(..., help="What the machine costs per hour, in US dollars."),
     max_batch: int = typer.Option(16, help="Concurrent sequences (the batch kept full)."),
     prompt_tokens: int = typer.Option(64, help="Prompt length of each request."),
@@ -108,6 +117,7 @@ def cost_cmd(
     """Sustained batched output tokens/s on this machine, and the $ per 1M output tokens it implies."""
     if usd_per_hour <= 0 or duration <= 0 or prompt_tokens < 1 or max_tokens < 1 or max_batch < 1:
         raise UserError("--usd-per-hour, --duration, --prompt-tokens, --max-tokens and --max-batch must be > 0")
+    model = model or default_model()
     limit = ckpt_max(model)
     if prompt_tokens + max_tokens > limit:
         raise UserError(f"--prompt-tokens + --max-tokens = {prompt_tokens + max_tokens} exceeds the model's "
