@@ -1,13 +1,15 @@
 """Serving figure: continuous batching vs one request at a time, over real HTTP on loopback.
 
-Builds a random-weight model (default: bench-mixtral with the benchmark tokenizer's vocabulary),
-saves it as a checkpoint folder, starts `moecoder serve` twice in a subprocess (--max-batch N,
+Serves the bundled model (what `moecoder serve` serves by default), a checkpoint folder (--model)
+or a random-weight preset (--preset bench-mixtral: the engine benchmarks' reference config, with
+the benchmark tokenizer's vocabulary). Starts `moecoder serve` twice in a subprocess (--max-batch N,
 then --max-batch 1) and sends the same streaming requests from N concurrent clients each time.
 Prints output tokens/s, TTFT p50/p95 and inter-token latency for both, and the ratio.
 
 Target: with 8 concurrent streams, batched >= 3x the one-at-a-time throughput.
 
-    .venv/bin/python benchmarks/serve.py                       # 8 clients, bench-mixtral
+    .venv/bin/python benchmarks/serve.py                          # 8 clients, the bundled model
+    .venv/bin/python benchmarks/serve.py --preset bench-mixtral   # 85.7M random-weight reference model
     .venv/bin/python benchmarks/serve.py --clients 16 --max-tokens 32 --preset debug
 """
 
@@ -32,6 +34,7 @@ import torch
 from moecoder.checkpoint import save_checkpoint
 from moecoder.checkpoint.hf import read_config
 from moecoder.config import get_preset
+from moecoder.engine_cli import BUNDLED_MODEL
 from moecoder.model import Transformer
 from moecoder.tokenizer import train_byte_bpe
 
@@ -134,9 +137,8 @@ def report(name: str, r: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="bench-mixtral")
-    ap.add_argument("--model", type=Path, default=None,
-                    help="serve this checkpoint folder instead of a random-weight --preset model")
+    ap.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the bundled model)")
+    ap.add_argument("--preset", default=None, help="serve a random-weight model of this preset instead")
     ap.add_argument("--vocab", type=int, default=2048, help="tokenizer (and model) vocabulary size")
     ap.add_argument("--clients", type=int, default=8, help="concurrent streams")
     ap.add_argument("--requests", type=int, default=None, help="total requests (default: 2 x --clients)")
@@ -145,6 +147,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per mode (median reported)")
     ap.add_argument("--threads", type=int, default=1, help="server torch threads (1: robust on shared CPUs)")
     args = ap.parse_args()
+    if args.preset and args.model:
+        ap.error("give --model or --preset, not both")
+    args.model = args.model or BUNDLED_MODEL
     requests = args.requests or 2 * args.clients
     # Distinct prompts: identical greedy requests would route identically and flatter batching.
     rng = random.Random(0)
@@ -157,7 +162,7 @@ def main() -> None:
     modes = {f"batched (max-batch {args.clients})": args.clients, "one at a time (max-batch 1)": 1}
     runs: dict[str, list[dict]] = {name: [] for name in modes}
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = args.model or build_checkpoint(args.preset, args.vocab, Path(tmp))
+        ckpt = build_checkpoint(args.preset, args.vocab, Path(tmp)) if args.preset else args.model
         servers = {name: start_server(ckpt, mb, args.threads, context) for name, mb in modes.items()}
         try:
             # Alternate the two servers round by round, so load from other processes on a shared
@@ -169,8 +174,8 @@ def main() -> None:
             for proc, _ in servers.values():
                 proc.terminate()
                 proc.wait(timeout=30)
-    cfg = read_config(args.model) if args.model else get_preset(args.preset).replace(vocab_size=args.vocab)
-    what = str(args.model) if args.model else f"{args.preset} random weights"
+    cfg = get_preset(args.preset).replace(vocab_size=args.vocab) if args.preset else read_config(args.model)
+    what = f"{args.preset} random weights" if args.preset else str(args.model)
     print(f"model: {what} (dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_experts} experts "
           f"top-{cfg.top_k}, vocab {cfg.vocab_size}); {args.clients} concurrent streaming clients, {requests} requests "
           f"of {args.max_tokens // 2}-{args.max_tokens * 3 // 2} output tokens, {args.rounds} alternating rounds; "
