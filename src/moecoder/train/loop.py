@@ -28,7 +28,7 @@ from ..model import Transformer
 from ..model.loss import IGNORE_INDEX
 from . import distributed as D
 from .metrics import MetricsLogger
-from .optim import build_optimizer, set_lr
+from .optim import build_optimizer, clip_and_step, set_lr
 from .schedule import SCHEDULES, Schedule
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -195,14 +195,14 @@ def train_step(
     if opts.scaler is not None:
         opts.scaler.unscale_(optimizer)
     max_norm = opts.clip if opts.clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
-        grad_norm = grad_norm.full_tensor()
     if opts.scaler is not None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         opts.scaler.step(optimizer)
         opts.scaler.update()
     else:
-        optimizer.step()
+        grad_norm = clip_and_step(optimizer, model.parameters(), max_norm)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+        grad_norm = grad_norm.full_tensor()
     optimizer.zero_grad(set_to_none=True)
 
     # One all-reduce for everything we log.

@@ -47,3 +47,38 @@ def build_optimizer(
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def _folds_grad_scale(optimizer: torch.optim.Optimizer, grads: list[torch.Tensor]) -> bool:
+    """A fused Adam/AdamW whose step divides every gradient by `optimizer.grad_scale` (the GradScaler
+    hook), over plain (not DTensor) gradients on one device."""
+    if not (isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and optimizer.defaults.get("fused")):
+        return False
+    if not grads or hasattr(optimizer, "grad_scale") or hasattr(optimizer, "found_inf"):
+        return False
+    device = grads[0].device
+    return all(type(g) is torch.Tensor and g.device == device for g in grads)
+
+
+def clip_and_step(optimizer: torch.optim.Optimizer, params, max_norm: float) -> torch.Tensor:
+    """`clip_grad_norm_(params, max_norm)` then `optimizer.step()`; returns the norm before clipping.
+
+    With fused Adam/AdamW the clip factor is not applied by a separate pass over every gradient:
+    it goes in as the step's gradient divisor (`grad_scale`, what GradScaler uses to unscale),
+    which the fused kernel applies while it reads the gradient anyway. Same update up to one
+    rounding of the factor; the gradients left in `.grad` are then not the clipped ones.
+    """
+    params = [p for p in params if p.grad is not None]
+    grads = [p.grad for p in params]
+    if not _folds_grad_scale(optimizer, grads):
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        optimizer.step()
+        return norm
+    norm = torch.nn.utils.get_total_norm(grads, 2.0)
+    # clip_grad_norm_ multiplies by min(1, max_norm / (norm + 1e-6)); the kernel divides by the inverse.
+    optimizer.grad_scale = ((norm.float() + 1e-6) / max_norm).clamp_min(1.0)
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.grad_scale
+    return norm

@@ -1,4 +1,6 @@
-"""The fused, chunked LM head + cross-entropy (model/loss.py) against the plain formulation on full logits."""
+"""Training fast paths against their plain formulations: the fused, chunked LM head + cross-entropy
+(model/loss.py) vs cross-entropy on full logits, the clip factor folded into fused AdamW vs
+clip_grad_norm_ + step, and the grouped SwiGLU experts' backward vs autograd over the per-expert loop."""
 
 import copy
 
@@ -8,8 +10,10 @@ import torch.nn.functional as F
 
 from moecoder.config import get_preset
 from moecoder.model import Transformer
+from moecoder.model.grouped_swiglu import grouped_swiglu
 from moecoder.model.loss import IGNORE_INDEX, linear_cross_entropy
 from moecoder.train.loop import StepOptions, train_step
+from moecoder.train.optim import clip_and_step
 
 
 def _inputs(N=37, C=24, V=101, seed=0, ignore_every=5):
@@ -161,3 +165,70 @@ def test_train_step_matches_the_plain_loss_with_global_token_normalisation():
     assert res.loss == pytest.approx(total / n, rel=1e-6)
     for name, g, p_ref in zip([n for n, _ in model.named_parameters()], opt.grads, ref.parameters()):
         torch.testing.assert_close(g, p_ref.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+# --- the clip factor folded into fused AdamW's step ---
+
+
+def _params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ps = [torch.nn.Parameter(torch.randn(*s, generator=g)) for s in ((64, 32), (32,), (7, 5, 3))]
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=g) * 3
+    return ps
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e6, float("inf")])
+def test_clip_folded_into_fused_adamw_equals_clip_then_step(max_norm):
+    ref, ours = _params(), _params()
+    opt_ref = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, fused=True)
+    opt = torch.optim.AdamW(ours, lr=1e-2, weight_decay=0.1, fused=True)
+    for step in range(3):
+        if step:
+            for pr, po, fresh in zip(ref, ours, _params(step)):
+                pr.grad, po.grad = fresh.grad.clone(), fresh.grad.clone()
+        norm_ref = torch.nn.utils.clip_grad_norm_(ref, max_norm)
+        opt_ref.step()
+        norm = clip_and_step(opt, ours, max_norm)
+        torch.testing.assert_close(norm, norm_ref)
+        assert not hasattr(opt, "grad_scale")
+        for pr, po in zip(ref, ours):
+            torch.testing.assert_close(po, pr, rtol=1e-6, atol=1e-7)
+
+
+def test_clip_and_step_with_another_optimizer_clips_the_gradients():
+    ps = _params()
+    opt = torch.optim.SGD(ps, lr=0.0)
+    norm = clip_and_step(opt, ps, 1e-3)
+    assert float(norm) > 1.0
+    clipped = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in ps]))
+    assert float(clipped) == pytest.approx(1e-3, rel=1e-4)
+
+
+# --- grouped SwiGLU experts with the hand-written backward ---
+
+
+@pytest.mark.parametrize("counts", [[5, 0, 9, 3], [0, 0, 4, 0], [2, 2, 2, 2]])
+def test_grouped_swiglu_matches_the_per_expert_loop_forward_and_backward(counts):
+    g = torch.Generator().manual_seed(0)
+    E, C, Fh = 4, 16, 24
+    w13 = torch.randn(E, 2 * Fh, C, generator=g) * 0.2
+    w2 = torch.randn(E, C, Fh, generator=g) * 0.2
+    x = torch.randn(sum(counts), C, generator=g)
+    dy = torch.randn(sum(counts), C, generator=g)
+
+    def run(fn):
+        xs, a, b = (t.clone().requires_grad_() for t in (x, w13, w2))
+        y = fn(xs, a, b)
+        y.backward(dy)
+        return y.detach(), xs.grad, a.grad, b.grad
+
+    def loop(xs, a, b):
+        outs = []
+        for e, xe in enumerate(xs.split(counts)):
+            gate, up = F.linear(xe, a[e]).chunk(2, dim=-1)
+            outs.append(F.linear(F.silu(gate) * up, b[e]))
+        return torch.cat(outs)
+
+    for got, want in zip(run(lambda xs, a, b: grouped_swiglu(xs, a, b, counts)), run(loop)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
