@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 from moecoder.config import get_preset
 from moecoder.model import Transformer
+from moecoder.model import loss as loss_mod
 from moecoder.model.grouped_swiglu import grouped_swiglu
-from moecoder.model.loss import IGNORE_INDEX, linear_cross_entropy
+from moecoder.model.loss import IGNORE_INDEX, _target_nll, linear_cross_entropy
 from moecoder.train.loop import StepOptions, train_step
 from moecoder.train.optim import clip_and_step
 
@@ -232,3 +233,21 @@ def test_grouped_swiglu_matches_the_per_expert_loop_forward_and_backward(counts)
 
     for got, want in zip(run(lambda xs, a, b: grouped_swiglu(xs, a, b, counts)), run(loop)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_exact_fallback_from_kept_logits():
+    # The path taken off CPU (logits kept, no host sync): every row gets the exact value where p_y is tiny.
+    z = torch.tensor([[0.0, -150.0, 0.0], [1.0, 2.0, 3.0]])
+    y = torch.tensor([1, 2])
+    p_y = torch.softmax(z, 1)[torch.arange(2), y]
+    nll = _target_nll(p_y, y, logits=z, h_nC=None, w_VC=None)
+    torch.testing.assert_close(nll, F.cross_entropy(z, y, reduction="none"))
+
+
+def test_cpu_workspace_is_reused_across_calls():
+    h, w, y = _inputs()
+    linear_cross_entropy(h, w, y, chunk=8)
+    first = loss_mod._WORKSPACE[h.device].data_ptr()
+    loss, _ = linear_cross_entropy(h.requires_grad_(), w, y, chunk=8)
+    loss.backward()
+    assert loss_mod._WORKSPACE[h.device].data_ptr() == first
