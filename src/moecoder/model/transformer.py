@@ -119,7 +119,20 @@ class Transformer(nn.Module):
                                                        reduction="sum")
                 ce_loss, ce_sum = ce * ce_scale, ce.detach()
             return ForwardOutput(None, stats, ce_loss=ce_loss, ce_sum=ce_sum)
-        return ForwardOutput(self.lm_head(h), stats)
+        return ForwardOutput(self._vocab_projection(h), stats)
+
+    def _vocab_projection(self, h_BTC: torch.Tensor) -> torch.Tensor:
+        """The LM head. For a few rows (a batched decode step) on CPU it runs as W @ h^T: BLAS's
+        h @ W^T kernel for 6-64 rows measured up to 1.6x slower than its tall-skinny one (vocab
+        8192 x 256, 8 rows: 0.93 vs 0.58 ms; 32000 x 512: 7.1 vs 5.1 ms), while for 1-4 rows
+        h @ W^T is the faster one (a matrix-vector product)."""
+        rows = h_BTC.shape[0] * h_BTC.shape[1]
+        if 6 <= rows <= 64 and h_BTC.device.type == "cpu" and not torch.is_grad_enabled():
+            h_NC, w = h_BTC.reshape(rows, -1), self.lm_head.weight
+            if torch.is_autocast_enabled("cpu"):
+                h_NC, w = h_NC.to(torch.get_autocast_dtype("cpu")), w.to(torch.get_autocast_dtype("cpu"))
+            return torch.mm(w, h_NC.t()).t().reshape(*h_BTC.shape[:2], -1)
+        return self.lm_head(h_BTC)
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:
