@@ -47,6 +47,17 @@ def _truncate_after(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+def tensorboard_scalars(record: dict) -> dict[str, float]:
+    """A metrics record's numbers as TensorBoard tags: eval_* under eval/, the rest under train/
+    (per-layer token counts are lists: not scalars, left to metrics.jsonl)."""
+    out = {}
+    for k, v in record.items():
+        if k == "step" or isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        out[f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}"] = float(v)
+    return out
+
+
 class MetricsLogger:
     """Writes metrics.jsonl (+ TensorBoard when installed) under `run_dir` and prints progress."""
 
@@ -73,10 +84,11 @@ class MetricsLogger:
         self._file = open(path, "a")
         try:
             from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(log_dir=str(run_dir / "tb"))
         except ImportError:  # tensorboard is optional
-            self._tb = None
+            SummaryWriter = None
+        if SummaryWriter is not None:
+            # purge_step: on resume, TensorBoard hides the events a killed run wrote past the checkpoint.
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -84,10 +96,9 @@ class MetricsLogger:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None:
-            step = record["step"]
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self._tb.add_scalar(k, v, step)
+            for tag, value in tensorboard_scalars(record).items():
+                self._tb.add_scalar(tag, value, record["step"])
+            self._tb.flush()
 
     def progress(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
         if not self.enabled or (step % self.progress_every and step != self.total):
