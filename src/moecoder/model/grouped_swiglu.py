@@ -52,7 +52,9 @@ class _GroupedSwiGLU(torch.autograd.Function):
         dx = torch.empty_like(x_MC) if need_x else None
         dw13 = torch.empty_like(w13_EHC) if need_w13 else None
         dw2 = torch.empty_like(w2_ECF) if need_w2 else None
-        dh_MH = torch.empty_like(h_MH) if (need_x or need_w13) else None
+        # One segment-sized scratch for d(gate|up), reused by every expert: stays in cache, and a fresh
+        # [M, 2F] buffer would be page-faulted in by its first writer.
+        dh_buf = h_MH.new_empty(max(counts_E, default=0), h_MH.shape[1]) if (need_x or need_w13) else None
         for e, lo, hi in _segments(counts_E):
             if hi == lo:
                 for g in (dw13, dw2):
@@ -62,10 +64,10 @@ class _GroupedSwiGLU(torch.autograd.Function):
             dy = dy_MC[lo:hi]
             if need_w2:
                 torch.mm(dy.t(), a_MF[lo:hi], out=dw2[e])
-            if dh_MH is None:
+            if dh_buf is None:
                 continue
             da = torch.mm(dy, w2_ECF[e])
-            gate, up, dh = h_MH[lo:hi, :Fh], h_MH[lo:hi, Fh:], dh_MH[lo:hi]
+            gate, up, dh = h_MH[lo:hi, :Fh], h_MH[lo:hi, Fh:], dh_buf[: hi - lo]
             # a = silu(gate) * up: d(gate) = silu'(gate) * da * up, d(up) = da * silu(gate).
             torch.ops.aten.silu_backward(da * up, gate, grad_input=dh[:, :Fh])
             torch.mul(da, F.silu(gate), out=dh[:, Fh:])
