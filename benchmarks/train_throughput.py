@@ -1,10 +1,12 @@
 """Training throughput: tokens/s of forward + backward + AdamW step, moecoder vs transformers' Mixtral.
 
 Both models hold the same bench-mixtral weights (see _reference.py) and train on the same batch with
-the same loss (cross-entropy over logits, no router aux loss) and AdamW settings. moecoder runs its
-real `train_step` (global-token loss normalisation, grad clipping, routing stats); transformers runs
-the equivalent hand-written step. Steps are interleaved so machine load hits both alike; the figure
-is the median step time. Target: moecoder >= 1.5x transformers.
+the same loss (cross-entropy over every next token, no router aux loss), grad clipping and fused AdamW.
+moecoder runs its real `train_step` (global-token loss normalisation, grad clipping, routing stats);
+transformers runs its default training forward (`labels` -> `.loss`, with `shift_labels` so both
+score the same 256 targets per row) then the same backward, clip and step. Steps are interleaved so
+machine load hits both alike; the figure is the median step time. `--breakdown` adds a torch.profiler
+table (self time by op) of one more step of each. Target: moecoder >= 1.5x transformers.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -32,9 +33,10 @@ TARGET = 1.5
 def hf_step(model, optimizer, x_BT, y_BT, lr: float, clip: float, amp_dtype) -> float:
     for g in optimizer.param_groups:
         g["lr"] = lr
+    y_BT = y_BT.contiguous()
     with torch.autocast(x_BT.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        logits = model(input_ids=x_BT).logits
-    loss = F.cross_entropy(logits.float().flatten(0, 1), y_BT.flatten())
+        # transformers' own loss (ForCausalLMLoss: logits.float(), mean cross-entropy, -100 ignored).
+        loss = model(input_ids=x_BT, labels=y_BT, shift_labels=y_BT).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     optimizer.step()
@@ -50,6 +52,7 @@ def main() -> None:
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--breakdown", action="store_true", help="profile one more step of each; print top ops")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -104,6 +107,16 @@ def main() -> None:
     ratio = med["transformers"] / med["moecoder"]
     print(f"ratio moecoder/transformers: {ratio:.2f}x ({'meets' if ratio >= TARGET else 'MISSES'} the "
           f"{TARGET}x target)")
+    if args.breakdown:
+        from torch.profiler import profile
+
+        for name, step in (("moecoder", lambda: train_step(ours, opt_ours, [(x, y)], lr, opts)),
+                           ("transformers", lambda: hf_step(hf, opt_hf, x, y, lr, clip, amp))):
+            with profile() as prof:
+                step()
+                sync()
+            print(f"--- {name}: self time by op, one step")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=50))
     print(f"reproduce: .venv/bin/python benchmarks/train_throughput.py --batch {args.batch} --seq-len "
           f"{args.seq_len} --steps {args.steps} --precision {args.precision} --device {args.device}"
           + (f" --threads {args.threads}" if args.threads else ""))
