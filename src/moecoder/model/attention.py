@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .linear import Linear
 from .rope import apply_rope
 
 
@@ -94,10 +95,10 @@ class Attention(nn.Module):
         self.window = cfg.sliding_window if cfg.uses_window(layer) else None
         self.layer = layer
         q_out, kv_out = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, q_out, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.dim, kv_out, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.dim, kv_out, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(q_out, cfg.dim, bias=False)
+        self.q_proj = Linear(cfg.dim, q_out, bias=cfg.qkv_bias)
+        self.k_proj = Linear(cfg.dim, kv_out, bias=cfg.qkv_bias)
+        self.v_proj = Linear(cfg.dim, kv_out, bias=cfg.qkv_bias)
+        self.o_proj = Linear(q_out, cfg.dim, bias=False)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm == "head":
             self.q_norm, self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps), RMSNorm(cfg.head_dim, cfg.norm_eps)

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import AttentionStep, KVCache, RMSNorm
+from .linear import Linear
 from .rope import apply_rope
 
 # DeepSeek's q_a_layernorm / kv_a_layernorm use the RMSNorm default eps whatever rms_norm_eps says
@@ -79,16 +80,16 @@ class MLAttention(nn.Module):
         self.nope, self.rope, self.v_dim = cfg.qk_nope_dim, cfg.qk_rope_dim, cfg.v_head_dim
         qk = self.nope + self.rope
         if cfg.q_lora_rank is None:
-            self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * qk, bias=False)
+            self.q_proj = Linear(cfg.dim, cfg.n_heads * qk, bias=False)
         else:
-            self.q_a_proj = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
+            self.q_a_proj = Linear(cfg.dim, cfg.q_lora_rank, bias=False)
             self.q_a_norm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, cfg.n_heads * qk, bias=False)
+            self.q_b_proj = Linear(cfg.q_lora_rank, cfg.n_heads * qk, bias=False)
         self.low_rank_q = cfg.q_lora_rank is not None
-        self.kv_a_proj = nn.Linear(cfg.dim, self.rank + self.rope, bias=False)  # HF: kv_a_proj_with_mqa
+        self.kv_a_proj = Linear(cfg.dim, self.rank + self.rope, bias=False)  # HF: kv_a_proj_with_mqa
         self.kv_a_norm = RMSNorm(self.rank, LATENT_NORM_EPS)
-        self.kv_b_proj = nn.Linear(self.rank, cfg.n_heads * (self.nope + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * self.v_dim, cfg.dim, bias=False)
+        self.kv_b_proj = Linear(self.rank, cfg.n_heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = Linear(cfg.n_heads * self.v_dim, cfg.dim, bias=False)
         self.scale = mla_softmax_scale(cfg)
         self.interleave = cfg.rope_interleave
 

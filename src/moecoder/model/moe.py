@@ -18,6 +18,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .grouped_swiglu import grouped_swiglu
+from .linear import Linear
 
 
 class FeedForward(nn.Module):
@@ -25,9 +26,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.gate_proj = Linear(dim, hidden, bias=False)
+        self.up_proj = Linear(dim, hidden, bias=False)
+        self.down_proj = Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -70,7 +71,7 @@ class Router(nn.Module):
         self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
         self.score_func, self.norm_topk, self.scale = cfg.score_func, cfg.norm_topk, cfg.routed_scale
         self.n_groups, self.topk_groups, self.group_score = cfg.n_groups, cfg.topk_groups, cfg.group_score
-        self.gate = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
+        self.gate = Linear(cfg.dim, cfg.n_experts, bias=False)
         # Correction bias used for expert *selection* only (aux-loss-free balancing); not trained by SGD.
         self.register_buffer("bias", torch.zeros(cfg.n_experts) if cfg.routing_bias else None)
 
@@ -138,7 +139,7 @@ class MoE(nn.Module):
         self.router = Router(cfg)
         self.experts = GroupedExperts(cfg.n_experts, cfg.dim, cfg.moe_ffn_dim)
         self.shared = FeedForward(cfg.dim, cfg.n_shared_experts * cfg.shared_ffn_dim) if cfg.n_shared_experts else None
-        self.shared_gate = nn.Linear(cfg.dim, 1, bias=False) if cfg.shared_expert_gate else None
+        self.shared_gate = Linear(cfg.dim, 1, bias=False) if cfg.shared_expert_gate else None
 
     def _shared(self, x_NC: torch.Tensor) -> torch.Tensor | None:
         if self.shared is None:

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import Attention, AttentionStep, KVCache, RMSNorm
+from .linear import Linear
 from .loss import IGNORE_INDEX, fused_ce_supported, linear_cross_entropy
 from .mla import MLAttention
 from .moe import FeedForward, MoE, RouterStats
@@ -65,7 +66,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         inv_freq, scale = rope_frequencies(cfg)

@@ -1,0 +1,74 @@
+"""Linear layers whose bf16/fp16 matrix products may run in fp32 on CPUs without fast 16-bit GEMM.
+
+On x86 CPUs without AMX, PyTorch's bf16 GEMM is slower than its fp32 GEMM (measured here, one
+thread, 128-512 rows: 1.4-1.6x slower). Converting both operands to fp32, multiplying and rounding
+the product back to bf16 gives the same result as the native kernel (16-bit values are exact in
+fp32 and both accumulate in fp32; only the summation order differs) and is faster once there are
+enough rows to amortise converting the weight: prefill, scoring. With few rows (decode) converting
+the weight costs more than the product, so the native kernel stays.
+
+Whether the detour pays is measured once per process and dtype on a small product, so machines
+with fast 16-bit matrix units keep their native kernel. Only inference uses it (no autograd graph,
+no autocast): training numerics and memory stay exactly as they were.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MIN_ROWS = 64  # below this the weight conversion costs more than the fp32 product saves
+_HALF = (torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def _fp32_product_is_faster(dtype: torch.dtype) -> bool:
+    """Time a [256, 512] x [512, 1024] product both ways (median of 5); the fp32 detour must win by 15%."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 512, generator=g).to(dtype)
+    w = torch.randn(1024, 512, generator=g).to(dtype)
+
+    def median_time(fn) -> float:
+        fn()
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    with torch.inference_mode():
+        native = median_time(lambda: F.linear(x, w))
+        detour = median_time(lambda: F.linear(x.float(), w.float()).to(dtype))
+    return detour < 0.85 * native
+
+
+def use_fp32_product(x: torch.Tensor, rows: int) -> bool:
+    """Run this 16-bit CPU product in fp32? (inference, enough rows, and measured faster here)."""
+    return (
+        x.dtype in _HALF
+        and rows >= MIN_ROWS
+        and x.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")
+        and _fp32_product_is_faster(x.dtype)
+    )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, with the fp32 detour for many-row 16-bit products on CPUs where it is faster."""
+    if weight.dtype == x.dtype and use_fp32_product(x, x.numel() // max(x.shape[-1], 1)):
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state-dict names) computed by `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
