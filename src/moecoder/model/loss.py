@@ -10,6 +10,12 @@ while the chunk is still in cache, so no [N, V] tensor ever exists. The gradient
 the forward (the loss is the root of the graph, so its incoming gradient is a known scalar):
 backward only hands them over, scaled by the incoming gradient when it is not the one the caller
 announced.
+
+fp16 (autocast + GradScaler): the gradients exist before the loss scale reaches them, so a caller that
+scales the loss must put the loss scale into `scale` instead (train_step passes ce_scale x loss scale
+and divides the returned loss by the loss scale again, so the incoming gradient is exactly 1). The
+per-token factor is then applied to softmax - onehot in fp32, before its fp16 cast, which gives the
+fp16 operands of the plain formulation's backward: no underflow of the unscaled gradient.
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         N, V = h_NC.shape[0], w_VC.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         cd = compute_dtype or h_NC.dtype
+        # fp16's range needs the per-token factor (1 / tokens x loss scale) in before the cast; bf16 and
+        # fp32 have fp32's range, and apply it to the small [c, C] operands instead.
+        prescale = cd == torch.float16
         h_cd, w_cd = h_NC.to(cd), w_VC.to(cd)
         valid_N = y_N != ignore_index
         safe_y_N = torch.where(valid_N, y_N, 0)
@@ -64,13 +73,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if not (need_h or need_w):
                     continue
                 p[rows, y] = p_y - 1.0  # d(CE)/d(logits) = softmax - onehot (ignored targets: weight 0 below)
-                g = p if cd == torch.float32 else p.to(cd)
                 s = rowscale_N[lo:hi, None]
+                if prescale:
+                    g = p.mul_(s).to(cd)
+                else:
+                    g = p if cd == torch.float32 else p.to(cd)
                 if need_h:
                     gh = torch.mm(g, w_cd, out=grad_h[lo:hi]) if cd == grad_h.dtype else torch.mm(g, w_cd)
-                    grad_h[lo:hi] = gh.mul_(s.to(gh.dtype))
+                    grad_h[lo:hi] = gh if prescale else gh.mul_(s.to(gh.dtype))
                 if need_w:
-                    hs = (h_NC[lo:hi].float() * s).to(cd)
+                    hs = h_cd[lo:hi] if prescale else (h_NC[lo:hi].float() * s).to(cd)
                     if cd != torch.float32:
                         part = torch.mm(g.t(), hs).float()
                         grad_w.copy_(part) if lo == 0 else grad_w.add_(part)
@@ -97,9 +109,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # (in place would change the saved tensors under retain_graph).
         if grad_loss.device.type == "cpu" and float(grad_loss) == 1.0:
             return grad_h, grad_w, None, None, None, None, None
+        # In fp32 (type promotion) and cast back: an fp16 grad_h times a factor that is not a power of two
+        # would otherwise round the factor to 11 bits first.
         g = grad_loss.to(torch.float32)
-        return (grad_h * g.to(grad_h.dtype) if grad_h is not None else None,
-                grad_w * g.to(grad_w.dtype) if grad_w is not None else None,
+        return (None if grad_h is None else (grad_h * g).to(grad_h.dtype),
+                None if grad_w is None else (grad_w * g).to(grad_w.dtype),
                 None, None, None, None, None)
 
 
@@ -154,9 +168,10 @@ def linear_cross_entropy(
     """(scale * sum_n CE(h_n @ W.T, y_n), sum_n CE) over targets != ignore_index, without [N, V] logits.
 
     The first is differentiable wrt h and W (exactly the gradient of the plain formulation times
-    `scale`); the second is a detached fp32 sum for logging. Under CPU/CUDA autocast to bf16 the
-    matmuls run in bf16 with fp32 softmax and fp32 accumulation of the weight gradient, as the
-    plain `F.linear` + `.float()` + `F.cross_entropy` does (other autocast dtypes: use the plain path).
+    `scale`); the second is a detached fp32 sum for logging. Under CPU/CUDA autocast to bf16 or fp16
+    the matmuls run in that dtype with fp32 softmax and fp32 accumulation of the weight gradient, as the
+    plain `F.linear` + `.float()` + `F.cross_entropy` does. fp16 with a GradScaler: pass the loss scale
+    in `scale` (see the module docstring), not by scaling the returned loss.
     """
     if h_NC.dim() != 2 or w_VC.dim() != 2 or y_N.shape != h_NC.shape[:1]:
         raise ValueError(f"need h [N, C], W [V, C], y [N]; got {tuple(h_NC.shape)}, {tuple(w_VC.shape)}, "
@@ -164,13 +179,16 @@ def linear_cross_entropy(
     cd = None
     if torch.is_autocast_enabled(h_NC.device.type):
         cd = torch.get_autocast_dtype(h_NC.device.type)
-        if cd != torch.bfloat16:
-            raise ValueError(f"linear_cross_entropy supports bf16 autocast only, not {cd}")
+        if cd not in _AUTOCAST_DTYPES:
+            raise ValueError(f"linear_cross_entropy supports bf16 and fp16 autocast only, not {cd}")
     with torch.autocast(h_NC.device.type, enabled=False):
         return _LinearCrossEntropy.apply(h_NC, w_VC, y_N, float(scale), ignore_index,
                                          chunk or chunk_tokens(w_VC.shape[0]), cd)
 
 
+_AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
+
+
 def fused_ce_supported(device_type: str) -> bool:
-    """Whether the current autocast state allows `linear_cross_entropy` (off, or bf16)."""
-    return not torch.is_autocast_enabled(device_type) or torch.get_autocast_dtype(device_type) == torch.bfloat16
+    """Whether the current autocast state allows `linear_cross_entropy` (off, bf16 or fp16)."""
+    return not torch.is_autocast_enabled(device_type) or torch.get_autocast_dtype(device_type) in _AUTOCAST_DTYPES

@@ -3,7 +3,12 @@
 Shape legend: B sequences, T tokens, V vocabulary, L MoE layers, E experts.
 
 Two invariants the tests pin down:
-- The LR is `schedule(optimizer_step)`, set once per optimizer step, never per micro-batch.
+- The LR is `schedule(optimizer_step)`, set once per optimizer step, never per micro-batch. An
+  optimizer step is one iteration of the loop (one global batch, one metrics record, the step number
+  of checkpoints), whether or not fp16's GradScaler skips its update for inf/NaN gradients: a skipped
+  step uses up its LR like any other (torch's convention: the scheduler steps on regardless), so the
+  LR never depends on how many steps were skipped, and a resumed run gets the same LR from the same
+  step number. Only AdamW's own step count (its bias correction) counts the updates actually applied.
 - The cross-entropy of a step is the sum over every target token of the *global* batch (all
   micro-batches, all ranks) divided by the number of those tokens, so accumulation k on n ranks
   gives the gradient of one big batch even when micro-batches hold different token counts.
@@ -28,7 +33,7 @@ from ..model import Transformer
 from ..model.loss import IGNORE_INDEX
 from . import distributed as D
 from .metrics import MetricsLogger
-from .optim import build_optimizer, clip_and_step, set_lr
+from .optim import build_optimizer, clip_and_step, scaled_clip_and_step, set_lr
 from .schedule import SCHEDULES, Schedule
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -53,7 +58,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     clip: float = 1.0  # max global grad norm; 0 disables clipping
-    precision: str = "fp32"  # "fp32" | "bf16" (autocast) | "fp16" (autocast + GradScaler, CUDA only)
+    precision: str = "fp32"  # "fp32" | "bf16" (autocast) | "fp16" (autocast + GradScaler)
     lb_coef: float = 0.01  # load-balancing loss coefficient
     z_coef: float = 0.001  # router z-loss coefficient
     bias_update_rate: float = 0.0  # aux-loss-free balancing: router bias step per optimizer step (0: off)
@@ -145,9 +150,11 @@ class StepResult:
     loss: float  # mean cross-entropy per target token over the global batch
     lb_loss: float  # mean over micro-batches and ranks (sum over layers)
     z_loss: float
-    grad_norm: float
+    grad_norm: float  # of the true (unscaled) gradients, before clipping; inf/NaN on a skipped step
     target_tokens: int  # global
     tokens_per_expert: list[list[int]]  # [L][E], global
+    loss_scale: float | None = None  # fp16: the GradScaler scale this step's backward used
+    skipped: bool = False  # fp16: inf/NaN gradients, no update (parameters, optimizer, router biases unchanged)
 
 
 def moe_routers(model: nn.Module) -> list[nn.Module]:
@@ -162,8 +169,19 @@ def train_step(
     lr: float,
     opts: StepOptions,
 ) -> StepResult:
-    """One optimizer step over this rank's micro-batches [(x_BT, y_BT), ...]; y uses IGNORE_INDEX for padding."""
+    """One optimizer step over this rank's micro-batches [(x_BT, y_BT), ...]; y uses IGNORE_INDEX for padding.
+
+    With `opts.scaler` (fp16) the backward runs on the loss times the GradScaler's scale; the clip
+    applies to the true gradients and the update (and the router bias update) is skipped when a
+    gradient is inf/NaN (`StepResult.skipped`).
+    """
     set_lr(optimizer, lr)
+    scaler = opts.scaler
+    # The loss scale goes into the cross-entropy's own scale, so the fused LM head forms its fp16
+    # gradients at the scaled magnitude, as the plain formulation's backward does (model/loss.py);
+    # dividing its loss by the scale again (a power of two: exact) hands it a gradient of exactly 1
+    # from scaler.scale(loss).backward(), and leaves every other gradient as scaler.scale makes it.
+    loss_scale = scaler.get_scale() if scaler is not None else 1.0
     device = micro_batches[0][0].device
     n_micro = len(micro_batches)
     # The loss denominator is the global target-token count, known before any backward.
@@ -178,27 +196,21 @@ def train_step(
         with D.grad_sync(model, enabled=i == n_micro - 1):
             with torch.autocast(device.type, dtype=opts.autocast_dtype, enabled=opts.autocast_dtype is not None):
                 # The LM head and cross-entropy run fused inside the model: no [B, T, V] logits.
-                out = model(x_BT, targets_BT=y_BT, ce_scale=ce_scale)
-            loss = out.ce_loss
+                out = model(x_BT, targets_BT=y_BT, ce_scale=ce_scale * loss_scale)
+            loss = out.ce_loss / loss_scale if loss_scale != 1.0 else out.ce_loss
             if out.router:
                 lb, z = out.lb_loss, out.z_loss
                 loss = loss + (opts.lb_coef * lb + opts.z_coef * z) / n_micro
                 aux_sum += torch.stack([lb.detach(), z.detach()]).double()
                 c = torch.stack([s.tokens_per_expert for s in out.router])
                 counts_LE = c if counts_LE is None else counts_LE + c
-            if opts.scaler is not None:
-                opts.scaler.scale(loss).backward()
-            else:
-                loss.backward()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
         ce_sum += out.ce_sum.double()
 
-    if opts.scaler is not None:
-        opts.scaler.unscale_(optimizer)
     max_norm = opts.clip if opts.clip > 0 else float("inf")
-    if opts.scaler is not None:
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        opts.scaler.step(optimizer)
-        opts.scaler.update()
+    skipped = False
+    if scaler is not None:
+        grad_norm, skipped = scaled_clip_and_step(scaler, optimizer, model.parameters(), max_norm)
     else:
         grad_norm = clip_and_step(optimizer, model.parameters(), max_norm)
     if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
@@ -211,7 +223,7 @@ def train_step(
     counts = []
     if counts_LE is not None:
         counts_LE = D.all_reduce_sum(counts_LE)
-        if opts.bias_update_rate > 0:
+        if opts.bias_update_rate > 0 and not skipped:
             _update_router_bias(model, counts_LE, opts.bias_update_rate)
         counts = counts_LE.tolist()
     return StepResult(
@@ -221,6 +233,8 @@ def train_step(
         grad_norm=float(grad_norm),
         target_tokens=n_targets,
         tokens_per_expert=counts,
+        loss_scale=loss_scale if scaler is not None else None,
+        skipped=skipped,
     )
 
 
@@ -275,12 +289,15 @@ def token_windows_factory(data_dir: str | Path) -> LoaderFactory:
     return make
 
 
-def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "fp32":
-        return None
-    if precision == "fp16" and device.type != "cuda":
-        raise TrainConfigError("--precision fp16 needs a CUDA device (GradScaler); use bf16 on CPU")
-    return torch.bfloat16 if precision == "bf16" else torch.float16
+def _autocast_dtype(precision: str) -> torch.dtype | None:
+    # fp16 runs on CPU too (autocast and GradScaler support it since torch 2.3): slower than bf16 there,
+    # but the same loss-scaling path as a GPU run, so it can be tested and compared without one.
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+# fp16 only: this many skipped steps in a row (the scale divided by 2**N) means the gradients are
+# inf/NaN whatever the scale (a diverged run, a bug), not an overflow the scaler can back off from.
+MAX_SKIPPED_IN_A_ROW = 30
 
 
 def _grad_scaler(info: D.DistInfo):
@@ -288,8 +305,8 @@ def _grad_scaler(info: D.DistInfo):
         # Ranks hold different gradient shards: the inf/nan check must be agreed across ranks.
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
-        return ShardedGradScaler("cuda")
-    return torch.amp.GradScaler("cuda")
+        return ShardedGradScaler(info.device.type)
+    return torch.amp.GradScaler(info.device.type)
 
 
 def _split(x_BT: torch.Tensor, y_BT: torch.Tensor, micro: int, device: torch.device):
@@ -381,7 +398,7 @@ def train(
         to_hf_config(model_cfg)  # a config the HF format cannot express fails now, not at the first save
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    amp_dtype = _autocast_dtype(cfg.precision, info.device)
+    amp_dtype = _autocast_dtype(cfg.precision)
     local_batch = cfg.batch_size // info.world_size
     micro = cfg.micro_batch or local_batch
 
@@ -445,6 +462,7 @@ def train(
     tokens_per_step = cfg.batch_size * cfg.seq_len
     last: dict[str, Any] = {"step": start}
     last_ckpt = ckpt
+    skipped_in_a_row = 0
     try:
         end = min(cfg.steps, cfg.stop_after or cfg.steps)
         for step in range(start, end):
@@ -462,6 +480,17 @@ def train(
                       **routing_summary(res.tokens_per_expert), "tokens_per_expert": res.tokens_per_expert}
             if not math.isfinite(res.loss):
                 raise FloatingPointError(f"loss is {res.loss} at step {done}; lower --lr or use fp32")
+            if res.loss_scale is not None:
+                record.update(loss_scale=res.loss_scale, skipped=res.skipped)
+            if res.skipped:
+                record["grad_norm"] = None  # inf/NaN, which JSON cannot hold
+                skipped_in_a_row += 1
+                metrics.message(f"step {done}: inf/NaN gradients at loss scale {res.loss_scale:g}; update skipped")
+                if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                    raise FloatingPointError(f"inf/NaN gradients for {skipped_in_a_row} steps in a row (at step "
+                                             f"{done}) whatever the loss scale; lower --lr or use bf16")
+            else:
+                skipped_in_a_row = 0
             if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
                 val = loader_factory("val", seq_len=cfg.seq_len, seed=cfg.seed, rank=info.rank,
                                      world_size=info.world_size)

@@ -82,3 +82,39 @@ def clip_and_step(optimizer: torch.optim.Optimizer, params, max_norm: float) -> 
     finally:
         del optimizer.grad_scale
     return norm
+
+
+def scaled_clip_and_step(scaler, optimizer: torch.optim.Optimizer, params, max_norm: float) -> tuple[torch.Tensor, bool]:
+    """`clip_and_step` for gradients that hold GradScaler's loss scale times the true gradients (fp16).
+
+    The clip threshold applies to the true gradients: the norm is taken of the unscaled gradients and
+    the clip factor computed from it. If any gradient is inf/NaN the step is skipped: no parameter and
+    no optimizer state changes (fused Adam/AdamW does not count it in its bias-correction step
+    either). Then the scale is updated (backed off after a skip, grown after `growth_interval` clean
+    steps). Returns (the true gradient norm before clipping, inf/NaN when skipped; whether skipped).
+
+    With fused Adam/AdamW no pass writes the gradients: the norm of the scaled gradients divided by the
+    scale (a power of two: exact) is the true norm, the clip factor goes in as `optimizer.grad_scale`,
+    which `scaler.step` multiplies by the loss scale (its documented contract for fused optimizers) so
+    the kernel divides every gradient by scale x clip factor as it reads it, and skips the update when
+    the scaler's inf/NaN check found one. Otherwise: `scaler.unscale_`, `clip_grad_norm_`, `scaler.step`.
+    Needs `backoff_factor < 1` (as every scaler built here): a skip is recognised by the scale going down.
+    """
+    params = [p for p in params if p.grad is not None]
+    grads = [p.grad for p in params]
+    scale = scaler.get_scale()  # a host sync on CUDA
+    if _folds_grad_scale(optimizer, grads):
+        norm = torch.nn.utils.get_total_norm(grads, 2.0) / scale
+        optimizer.grad_scale = ((norm.float() + 1e-6) / max_norm).clamp_min(1.0)
+        try:
+            scaler.step(optimizer)
+        finally:
+            for attr in ("grad_scale", "found_inf"):  # scaler.step removes them, unless it raised
+                if hasattr(optimizer, attr):
+                    delattr(optimizer, attr)
+    else:
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        scaler.step(optimizer)
+    scaler.update()
+    return norm, scaler.get_scale() < scale

@@ -80,7 +80,9 @@ def train_cmd(
     schedule: str | None = typer.Option(None, help="cosine | wsd."),
     weight_decay: float | None = typer.Option(None, help="AdamW weight decay (not on norms, biases, embeddings)."),
     clip: float | None = typer.Option(None, help="Max global grad norm (0: off)."),
-    precision: str | None = typer.Option(None, help="fp32 | bf16 (autocast) | fp16 (CUDA, GradScaler)."),
+    precision: str | None = typer.Option(
+        None, help="fp32 | bf16 (autocast; recommended for mixed precision) | fp16 (autocast + GradScaler; "
+                   "on CPU only to test the loss-scaling path or compare with a GPU run: slower than bf16)."),
     lb_coef: float | None = typer.Option(None, help="Load-balancing loss coefficient."),
     z_coef: float | None = typer.Option(None, help="Router z-loss coefficient."),
     bias_update_rate: float | None = typer.Option(None, help="Aux-loss-free router bias step (needs routing_bias)."),
