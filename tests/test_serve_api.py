@@ -204,3 +204,30 @@ def test_health_and_metrics(server, client):
         assert name in text
     ok = [line for line in text.splitlines() if line.startswith('moecoder_requests_total{status="200"}')]
     assert ok and float(ok[0].split()[-1]) >= 1
+
+
+def test_event_bridge_wakes_the_loop_once_per_engine_step():
+    import asyncio
+
+    from moecoder.serve.api import _EventBridge
+    from moecoder.serve.engine import Event
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        wakeups = []
+        real = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda cb, *a: (wakeups.append(cb), real(cb, *a))[1]
+        bridge = _EventBridge(loop)
+        queues = [asyncio.Queue() for _ in range(3)]
+        for step in range(2):  # two engine steps of three events each
+            for i, q in enumerate(queues):
+                bridge.put(q, Event(i, f"s{step}", step + 1))
+            bridge.flush()
+            bridge.flush()  # a second flush before the drain ran schedules nothing more
+            await asyncio.sleep(0)
+        bridge.flush()  # nothing pending: no wake-up
+        await asyncio.sleep(0)
+        assert len(wakeups) == 2
+        return [[q.get_nowait().text for _ in range(q.qsize())] for q in queues]
+
+    assert asyncio.run(main()) == [["s0", "s1"]] * 3

@@ -96,33 +96,39 @@ class _Gate:
 
 
 class _EventBridge:
-    """Hands engine events to the event loop with one wake-up per burst, not one per event.
+    """Hands engine events to the event loop with one wake-up per engine step, not one per event.
 
     The engine emits one event per sequence per step; `call_soon_threadsafe` for each would cost a
-    self-pipe write (a syscall on the engine thread) per token per stream. Events are queued here
-    and one scheduled drain delivers every event that arrived before it ran.
+    self-pipe write (a syscall on the engine thread) per token per stream. Events are queued here;
+    the engine calls `flush` after each step (Engine.step_listeners), and one scheduled drain
+    delivers every event of the step.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self.lock = threading.Lock()
         self.pending: list[tuple[asyncio.Queue, Event]] = []
+        self.scheduled = False
 
     def put(self, queue: asyncio.Queue, ev: Event) -> None:
         with self.lock:
             self.pending.append((queue, ev))
-            wake = len(self.pending) == 1
-        if wake:
-            try:
-                self.loop.call_soon_threadsafe(self._drain)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                with self.lock:
-                    self.pending.clear()
-                raise
+
+    def flush(self) -> None:
+        with self.lock:
+            if self.scheduled or not self.pending:
+                return
+            self.scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            with self.lock:
+                self.pending.clear()
+                self.scheduled = False
 
     def _drain(self) -> None:
         with self.lock:
-            items, self.pending = self.pending, []
+            items, self.pending, self.scheduled = self.pending, [], False
         for queue, ev in items:
             queue.put_nowait(ev)
 
@@ -222,7 +228,10 @@ def create_app(engine: Engine, codec: ChatCodec, model_name: str, *, api_key: st
             raise APIError(400, f"prompts x n = {len(prompts_ids) * req.n} exceeds {MAX_CHOICES}", param="n")
         loop = asyncio.get_running_loop()
         if bridges.get("loop") is not loop:  # one bridge per event loop (tests may run several)
+            if "bridge" in bridges:
+                engine.remove_step_listener(bridges["bridge"].flush)
             bridges["loop"], bridges["bridge"] = loop, _EventBridge(loop)
+            engine.add_step_listener(bridges["bridge"].flush)
         bridge: _EventBridge = bridges["bridge"]
         queue: asyncio.Queue[Event] = asyncio.Queue()
 

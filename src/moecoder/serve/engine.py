@@ -198,6 +198,9 @@ class Engine:
         self.error: BaseException | None = None  # the last failed step's exception
         self.failed_steps = 0
         self.steps = 0
+        # Called on the engine thread after every loop iteration (its events all emitted), so a
+        # consumer can hand a whole step's events over at once (see serve/api.py).
+        self._step_listeners: list[Callable[[], None]] = []
 
     # --- public, any thread ---
     def start(self) -> Engine:
@@ -211,6 +214,21 @@ class Engine:
             self._cv.notify()
         if self._thread is not None:
             self._thread.join(timeout=30)
+
+    def add_step_listener(self, fn: Callable[[], None]) -> None:
+        with self._cv:
+            self._step_listeners = [*self._step_listeners, fn]
+
+    def remove_step_listener(self, fn: Callable[[], None]) -> None:
+        with self._cv:
+            self._step_listeners = [f for f in self._step_listeners if f != fn]
+
+    def _notify_step(self) -> None:
+        for fn in self._step_listeners:
+            try:
+                fn()
+            except Exception:
+                log.exception("a step listener failed")
 
     @property
     def alive(self) -> bool:
@@ -285,12 +303,14 @@ class Engine:
                         s.finish_reason = "error"
                         self._count_finished("error")
                         self._emit(s, Event(s.index, "", len(s.out_ids), "error"))
+                self._notify_step()
         finally:
             with self._cv:
                 for s in self.running + self.prefilling + list(self.waiting):
                     self._emit(s, Event(s.index, "", len(s.out_ids), "cancelled"))
                 self.running, self.streams, self.prefilling = [], [], []
                 self.waiting.clear()
+            self._notify_step()
 
     def _drop_cancelled(self) -> None:
         if any(s.cancelled for s in self.waiting):
