@@ -79,20 +79,20 @@ def sample_rows(logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_p_B: t
     """
     # Shift by the max first: with a tiny temperature the division then gives 0 and -inf, never inf - inf.
     logits = logits_BV.float()
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature_B.to(logits)[:, None]
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(dim=-1)
+    z = torch.sub(logits, logits.amax(dim=-1, keepdim=True)).div_(temperature_B.to(logits)[:, None])
+    if top_k is not None and top_k < z.shape[-1]:
+        kth = torch.topk(z, top_k, dim=-1).values[:, -1:]
+        z.masked_fill_(z < kth, float("-inf"))
+    weights = z.exp_()  # unnormalised probabilities (the top token's is 1): the draw scales u by the total
     if top_p_B is not None and bool((top_p_B < 1).any()):
-        probs = _top_p_filter(probs, top_p_B.to(probs))
-    gens = generators if generators is not None else [None] * probs.shape[0]
+        weights = _top_p_filter(weights / weights.sum(dim=-1, keepdim=True), top_p_B.to(weights))
+    gens = generators if generators is not None else [None] * weights.shape[0]
     u_B = torch.cat([torch.rand(1, generator=g) for g in gens])
-    cdf = probs.double().cumsum(dim=-1)
-    token_B = torch.searchsorted(cdf, (u_B.double() * cdf[:, -1])[:, None], right=True)[:, 0]
-    overflow = token_B >= probs.shape[-1]  # u * total rounded up to total: take the last possible token
+    cdf = weights.cumsum(dim=-1)
+    token_B = torch.searchsorted(cdf, (u_B * cdf[:, -1])[:, None], right=True)[:, 0]
+    overflow = token_B >= weights.shape[-1]  # u * total rounded up to total: take the last possible token
     if bool(overflow.any()):
-        last_B = probs.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(dim=-1)
+        last_B = weights.shape[-1] - 1 - (weights.flip(-1) > 0).int().argmax(dim=-1)
         token_B = torch.where(overflow, last_B, token_B)
     return token_B
 
