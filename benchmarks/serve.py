@@ -159,7 +159,8 @@ async def run_load(url: str, clients: int, prompts: list[str], max_tokens: list[
     ttft = sorted(r["stamps"][0] - r["start"] for r in results if r["stamps"])
     itl = sorted(b - a for r in results for a, b in zip(r["stamps"], r["stamps"][1:]))
     tokens = sum(r["tokens"] for r in results)
-    return {"tok_s": tokens / wall, "tokens": tokens, "wall": wall, "ttft": ttft, "itl": itl}
+    busy = sum(r["end"] - r["start"] for r in results) / wall  # mean requests in flight
+    return {"tok_s": tokens / wall, "tokens": tokens, "wall": wall, "ttft": ttft, "itl": itl, "in_flight": busy}
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -170,7 +171,8 @@ def report(name: str, r: dict) -> None:
     print(f"{name:<28} {r['tok_s']:8.1f} out tok/s  ({r['tokens']} tokens in {r['wall']:.1f} s)  "
           f"TTFT* p50 {pct(r['ttft'], .5) * 1e3:7.1f} ms  p95 {pct(r['ttft'], .95) * 1e3:7.1f} ms  "
           f"ITL p50 {pct(r['itl'], .5) * 1e3:6.1f} ms  p95 {pct(r['itl'], .95) * 1e3:6.1f} ms  "
-          f"mean {statistics.fmean(r['itl']) * 1e3 if r['itl'] else float('nan'):6.1f} ms")
+          f"mean {statistics.fmean(r['itl']) * 1e3 if r['itl'] else float('nan'):6.1f} ms  "
+          f"in flight {r['in_flight']:.2f}")
 
 
 def main() -> None:

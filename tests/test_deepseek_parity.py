@@ -15,10 +15,10 @@ import json
 import pytest
 import torch
 import torch._dynamo
+import transformers  # the dev extra pins it; a missing reference must fail, not skip, the parity tests
+from parity_helpers import randomise
 from safetensors import safe_open
 from safetensors.torch import save_file
-
-import transformers  # the dev extra pins it; a missing reference must fail, not skip, the parity tests
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from moecoder.checkpoint import (
@@ -73,16 +73,7 @@ def _hf_model(variant: str, seed: int = 0):
     cfg = _hf_config(variant)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            else:  # large enough that greedy tokens and expert choices are not near-ties
-                p.normal_(0, 0.3 if p.dim() > 1 else 0.1)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.normal_(0, 0.2)
-    return model
+    return randomise(model)
 
 
 def _prompt(vocab: int, batch: int = 2, length: int = 11) -> torch.Tensor:

@@ -13,10 +13,10 @@ import json
 
 import pytest
 import torch
+import transformers  # the dev extra pins it; a missing reference must fail, not skip, the parity tests
+from parity_helpers import randomise
 from safetensors import safe_open
 from safetensors.torch import save_file
-
-import transformers  # the dev extra pins it; a missing reference must fail, not skip, the parity tests
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from moecoder.checkpoint import from_hf_config, load_checkpoint, save_checkpoint
@@ -58,16 +58,7 @@ def _hf_model(model_type: str, seed: int = 0):
     cfg = AutoConfig.for_model(model_type, **{**_BASE, **FAMILIES[model_type]})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            else:  # large enough that greedy tokens and expert choices are not near-ties
-                p.normal_(0, 0.3 if p.dim() > 1 else 0.1)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.normal_(0, 0.2)
-    return model
+    return randomise(model)
 
 
 def _greedy(model: Transformer, prompt: torch.Tensor, n: int) -> torch.Tensor:

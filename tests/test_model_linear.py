@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from moecoder.config import get_preset
 from moecoder.generate import prefill
-from moecoder.model import KVCache, Transformer, linear as linear_mod
+from moecoder.model import KVCache, Transformer
+from moecoder.model import linear as linear_mod
 from moecoder.model.grouped_swiglu import grouped_swiglu
 
 
