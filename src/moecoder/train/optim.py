@@ -115,6 +115,17 @@ def scaled_clip_and_step(scaler, optimizer: torch.optim.Optimizer, params, max_n
     else:
         scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        scaler.step(optimizer)
+        amp_kernel = getattr(optimizer, "_step_supports_amp_scaling", False)
+        if amp_kernel and any(type(g) is not torch.Tensor for g in grads):
+            # FSDP2 (DTensor) + fused AdamW: GradScaler hands the kernel a found_inf of shape [1], which
+            # the DTensor step counts (shape []) cannot take (torch 2.13; pytorch/pytorch#140514). Its
+            # generic path instead: the gradients are unscaled already, the skip is decided on the host.
+            optimizer._step_supports_amp_scaling = False
+            try:
+                scaler.step(optimizer)
+            finally:
+                optimizer._step_supports_amp_scaling = amp_kernel
+        else:
+            scaler.step(optimizer)
     scaler.update()
     return norm, scaler.get_scale() < scale
