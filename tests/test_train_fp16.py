@@ -486,7 +486,8 @@ model:
   ffn_dim: 64
 """
 
-# Runs `train` under torchrun with a NaN put into one gradient element on the last rank only, at one step.
+# Runs `train` (under torchrun or not) with a NaN put into one gradient element at one step, after the
+# backward (and DDP's all-reduce): on the last rank only, or on every rank with POISON_ALL_RANKS=1.
 DRIVER = """\
 import os, sys
 from pathlib import Path
@@ -494,13 +495,14 @@ from moecoder.cli import main
 from moecoder.train import loop
 
 poison_call = int(os.environ["POISON_CALL"])
-last_rank = int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1
+this_rank = (os.environ.get("POISON_ALL_RANKS") == "1"
+             or int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1)
 real = loop.scaled_clip_and_step
 calls = []
 
 def poisoned(scaler, optimizer, params, max_norm):
     params = list(params)
-    if len(calls) == poison_call and last_rank:
+    if len(calls) == poison_call and this_rank:
         g = params[0].grad
         (g.to_local() if hasattr(g, "to_local") else g).view(-1)[0] = float("nan")
     calls.append(1)
@@ -512,8 +514,11 @@ main()
 """
 
 
-def test_fsdp2_two_ranks_agree_on_a_skip_that_only_one_rank_saw(tmp_path):
-    """A NaN in the last rank's gradient shard only: the inf check is all-reduced (ShardedGradScaler;
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_gloo_ranks_skip_together_and_match_one_process(tmp_path, parallel):
+    """DDP: an inf/NaN gradient is all-reduced onto every rank, so every rank sees it (poisoned on all
+    ranks after the all-reduce here); each runs torch.amp.GradScaler and skips alike.
+    FSDP2: a NaN in the last rank's gradient shard only: the inf check is all-reduced (ShardedGradScaler;
     DTensor's handler of the check op does too), so both ranks skip the step (a rank that stepped alone
     would leave its shards, and router biases, apart from the one-process run's) and back off the same
     scale; the rest matches one process. Also runs fused AdamW on DTensors under a GradScaler, which
@@ -529,12 +534,12 @@ def test_fsdp2_two_ranks_agree_on_a_skip_that_only_one_rank_saw(tmp_path):
             "--batch-size", "4", "--micro-batch", "1", "--seq-len", "16", "--warmup", "2", "--lr", "3e-3",
             "--eval-every", "0", "--save-every", "5", "--keep", "1", "--device", "cpu", "--precision", "fp16",
             "--bias-update-rate", "1e-3"]
-    env = {**cli_env(), "POISON_CALL": "2"}
+    env = {**cli_env(), "POISON_CALL": "2", "POISON_ALL_RANKS": "1" if parallel == "ddp" else "0"}
     single = subprocess.run([sys.executable, str(tmp_path / "driver.py"), *args, "--out", str(tmp_path / "one")],
                             capture_output=True, text=True, env=env, timeout=120)
     assert single.returncode == 0, single.stderr[-3000:]
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(tmp_path / "driver.py"), *args, "--out", str(tmp_path / "two"), "--parallel", "fsdp"],
+                        str(tmp_path / "driver.py"), *args, "--out", str(tmp_path / "two"), "--parallel", parallel],
                        capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     ref, got = _records(tmp_path / "one"), _records(tmp_path / "two")

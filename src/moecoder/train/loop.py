@@ -290,8 +290,8 @@ def token_windows_factory(data_dir: str | Path) -> LoaderFactory:
 
 
 def _autocast_dtype(precision: str) -> torch.dtype | None:
-    # fp16 runs on CPU too (autocast and GradScaler support it since torch 2.3): slower than bf16 there,
-    # but the same loss-scaling path as a GPU run, so it can be tested and compared without one.
+    # fp16 runs on CPU too (torch supports fp16 autocast and GradScaler there): not for speed, but the
+    # same loss-scaling path as a GPU run, so it can be tested and compared without one.
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 

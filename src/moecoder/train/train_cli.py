@@ -82,7 +82,7 @@ def train_cmd(
     clip: float | None = typer.Option(None, help="Max global grad norm (0: off)."),
     precision: str | None = typer.Option(
         None, help="fp32 | bf16 (autocast; recommended for mixed precision) | fp16 (autocast + GradScaler; "
-                   "on CPU only to test the loss-scaling path or compare with a GPU run: slower than bf16)."),
+                   "on CPU for testing the loss-scaling path or comparing with a GPU run, not for speed)."),
     lb_coef: float | None = typer.Option(None, help="Load-balancing loss coefficient."),
     z_coef: float | None = typer.Option(None, help="Router z-loss coefficient."),
     bias_update_rate: float | None = typer.Option(None, help="Aux-loss-free router bias step (needs routing_bias)."),
