@@ -9,6 +9,7 @@ import copy
 import io
 import json
 import math
+import subprocess
 import sys
 
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from test_train_loop import TINY_YAML, factory, tiny_cfg, write_token_dir
+from test_train_loop import TINY_YAML, cli_env, factory, tiny_cfg, write_token_dir
 
 from moecoder.model import Transformer
 from moecoder.model import loss as loss_mod
@@ -74,8 +75,8 @@ def _records(out):
 
 
 def _fp16_cfg(**kw):
-    base = dict(steps=12, batch_size=4, seq_len=16, lr=3e-3, min_lr=3e-4, warmup=2, eval_every=0, keep=0,
-                precision="fp16", device="cpu", seed=5)
+    base = {"steps": 12, "batch_size": 4, "seq_len": 16, "lr": 3e-3, "min_lr": 3e-4, "warmup": 2, "eval_every": 0,
+            "keep": 0, "precision": "fp16", "device": "cpu", "seed": 5}
     return TrainConfig(**{**base, **kw})
 
 
@@ -305,7 +306,7 @@ def _ready_scaler(init_scale):
 @pytest.mark.parametrize("kind", ["fused", "foreach"])
 def test_scaled_clip_and_step_equals_clipping_the_true_gradients_then_stepping(max_norm, kind):
     """Reference: clip_grad_norm_ on the true gradients + AdamW; ours gets them times the loss scale."""
-    make = dict(lr=1e-2, weight_decay=0.1, fused=kind == "fused", foreach=None if kind == "fused" else True)
+    make = {"lr": 1e-2, "weight_decay": 0.1, "fused": kind == "fused", "foreach": None if kind == "fused" else True}
     ref, ours = _params(), _params()
     opt_ref, opt = torch.optim.AdamW(ref, **make), torch.optim.AdamW(ours, **make)
     scaler = _ready_scaler(2.0 ** 16)
@@ -434,7 +435,7 @@ def test_fp16_fused_ce_needs_the_loss_scale_in_its_scale_against_underflow():
 
     plain_h, plain_w = run(lambda a, b: F.cross_entropy(F.linear(a, b).float(), y, reduction="sum") / N * S)
     ours_h, ours_w = run(lambda a, b: linear_cross_entropy(a, b, y, scale=S / N)[0] / S * S)
-    naive_h, naive_w = run(lambda a, b: linear_cross_entropy(a, b, y, scale=1 / N)[0] * S)
+    naive_h, _ = run(lambda a, b: linear_cross_entropy(a, b, y, scale=1 / N)[0] * S)
     assert err(ours_h, hr.grad) <= 1.01 * err(plain_h, hr.grad) and err(ours_h, hr.grad) < 1e-3
     assert err(ours_w, wr.grad) <= 1.01 * err(plain_w, wr.grad)
     assert float((ours_h == plain_h).float().mean()) > 0.99
@@ -523,10 +524,6 @@ def test_two_gloo_ranks_skip_together_and_match_one_process(tmp_path, parallel):
     would leave its shards, and router biases, apart from the one-process run's) and back off the same
     scale; the rest matches one process. Also runs fused AdamW on DTensors under a GradScaler, which
     torch 2.13 cannot do through GradScaler's fused-kernel path (see optim.scaled_clip_and_step)."""
-    import subprocess
-
-    from test_train_loop import cli_env
-
     data = write_token_dir(tmp_path / "data", n_train=3000, n_val=600)
     (tmp_path / "bias.yaml").write_text(BIAS_YAML)
     (tmp_path / "driver.py").write_text(DRIVER)
@@ -536,11 +533,11 @@ def test_two_gloo_ranks_skip_together_and_match_one_process(tmp_path, parallel):
             "--bias-update-rate", "1e-3"]
     env = {**cli_env(), "POISON_CALL": "2", "POISON_ALL_RANKS": "1" if parallel == "ddp" else "0"}
     single = subprocess.run([sys.executable, str(tmp_path / "driver.py"), *args, "--out", str(tmp_path / "one")],
-                            capture_output=True, text=True, env=env, timeout=120)
+                            check=False, capture_output=True, text=True, env=env, timeout=120)
     assert single.returncode == 0, single.stderr[-3000:]
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(tmp_path / "driver.py"), *args, "--out", str(tmp_path / "two"), "--parallel", parallel],
-                       capture_output=True, text=True, env=env, timeout=120)
+                       check=False, capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     ref, got = _records(tmp_path / "one"), _records(tmp_path / "two")
     assert [r["skipped"] for r in got] == [r["skipped"] for r in ref] == [False, False, True, False, False]
@@ -551,7 +548,7 @@ def test_two_gloo_ranks_skip_together_and_match_one_process(tmp_path, parallel):
             assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=2e-5), b["step"]
 
     def weights(out):
-        (step, folder), = S.list_checkpoints(out)
+        (_, folder), = S.list_checkpoints(out)
         state = S.load_train_state(folder)
         return load_file(folder / S.MODEL_DIR / "model.safetensors"), state
 
