@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch._dynamo
 import transformers  # the dev extra pins it; a missing reference must fail, not skip, the parity tests
+from parity_helpers import greedy as _greedy
 from parity_helpers import randomise
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -78,19 +79,6 @@ def _hf_model(variant: str, seed: int = 0):
 
 def _prompt(vocab: int, batch: int = 2, length: int = 11) -> torch.Tensor:
     return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(7))
-
-
-def _greedy(model: Transformer, prompt: torch.Tensor, n: int) -> torch.Tensor:
-    """Plain greedy decoding through the KV cache: prefill, then one token at a time."""
-    cache = KVCache(model.cfg, prompt.shape[0], prompt.shape[1] + n, next(model.parameters()).dtype)
-    out = []
-    with torch.no_grad():
-        logits = model(prompt, cache=cache).logits[:, -1]
-        for _ in range(n):
-            tok = logits.argmax(-1, keepdim=True)
-            out.append(tok)
-            logits = model(tok, cache=cache).logits[:, -1]
-    return torch.cat(out, 1)
 
 
 def _max_delta(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -14,13 +14,14 @@ import json
 import pytest
 import torch
 import transformers  # the dev extra pins it; a missing reference must fail, not skip, the parity tests
+from parity_helpers import greedy as _greedy
 from parity_helpers import randomise
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from moecoder.checkpoint import from_hf_config, load_checkpoint, save_checkpoint
-from moecoder.model import KVCache, Transformer
+from moecoder.model import Transformer
 
 transformers.logging.set_verbosity_error()
 
@@ -59,19 +60,6 @@ def _hf_model(model_type: str, seed: int = 0):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
     return randomise(model)
-
-
-def _greedy(model: Transformer, prompt: torch.Tensor, n: int) -> torch.Tensor:
-    """Plain greedy decoding through the KV cache: prefill, then one token at a time."""
-    cache = KVCache(model.cfg, prompt.shape[0], prompt.shape[1] + n, next(model.parameters()).dtype)
-    out = []
-    with torch.no_grad():
-        logits = model(prompt, cache=cache).logits[:, -1]
-        for _ in range(n):
-            tok = logits.argmax(-1, keepdim=True)
-            out.append(tok)
-            logits = model(tok, cache=cache).logits[:, -1]
-    return torch.cat(out, 1)
 
 
 def _prompt(vocab: int, batch: int = 2, length: int = 11) -> torch.Tensor:
