@@ -92,3 +92,16 @@ def test_bf16_prefill_with_the_detour_matches_native(detour, monkeypatch):
     assert len(detour) > 0
     assert (fast - native).abs().max() <= 0.05 * native.abs().max()
     assert torch.equal(fast.argmax(-1), native.argmax(-1))
+
+
+def test_compiled_single_row_half_product_matches_the_native_kernel():
+    """Under torch.compile a 16-bit one-row product is a fused multiply-and-sum (fp32 accumulation)."""
+    g = torch.Generator().manual_seed(3)
+    w, b = torch.randn(300, 64, generator=g).bfloat16(), torch.randn(300, generator=g).bfloat16()
+    step = torch.compile(linear_mod.linear, dynamic=False, fullgraph=True)
+    for x in (torch.randn(1, 1, 64, generator=g).bfloat16(), torch.randn(64, generator=g).bfloat16()):
+        with torch.inference_mode():
+            out = step(x, w, b)
+        ref = F.linear(x.double(), w.double(), b.double())
+        assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+        assert _ulp_close(out, F.linear(x, w, b), ref)

@@ -61,9 +61,17 @@ def use_fp32_product(x: torch.Tensor, rows: int) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, with the fp32 detour for many-row 16-bit products on CPUs where it is faster."""
-    if weight.dtype == x.dtype and use_fp32_product(x, x.numel() // max(x.shape[-1], 1)):
+    """F.linear, with the fp32 detour for many-row 16-bit products on CPUs where it is faster, and
+    16-bit single-row products under torch.compile written as a multiply-and-sum (see below)."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if weight.dtype == x.dtype and use_fp32_product(x, rows):
         return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+    if rows == 1 and x.dtype in _HALF and x.device.type == "cpu" and torch.compiler.is_compiling():
+        # A compiled batch-1 decode step: inductor fuses this into one pass over the 16-bit weight
+        # with fp32 accumulation, which streams it faster than the eager bf16 matrix-vector kernel
+        # (LM head 32000 x 512: 1.6 vs 2.2 ms). Same math: products and sums in fp32, one rounding.
+        y = (x.float()[..., None, :] * weight.float()).sum(-1)
+        return (y if bias is None else y + bias.float()).to(x.dtype)
     return F.linear(x, weight, bias)
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import Attention, AttentionStep, KVCache, RMSNorm
-from .linear import Linear
+from .linear import Linear, linear
 from .loss import IGNORE_INDEX, fused_ce_supported, linear_cross_entropy
 from .mla import MLAttention
 from .moe import FeedForward, MoE, RouterStats
@@ -133,7 +133,7 @@ class Transformer(nn.Module):
             if torch.is_autocast_enabled("cpu"):
                 h_NC, w = h_NC.to(torch.get_autocast_dtype("cpu")), w.to(torch.get_autocast_dtype("cpu"))
             return torch.mm(w, h_NC.t()).t().reshape(*h_BTC.shape[:2], -1)
-        return self.lm_head(h_BTC)
+        return linear(h_BTC, self.lm_head.weight)
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:
