@@ -14,6 +14,7 @@ from typing import Any
 from ..config import ConfigError, ModelConfig
 from ..model.rope import rope_frequencies
 from .formats import ARCHITECTURES, SUPPORTED, CheckpointError
+from .fp8 import fp8_format
 
 # transformers 5 defaults for the optional fields, per family.
 _DEFAULTS: dict[str, dict[str, Any]] = {
@@ -75,9 +76,7 @@ def _rope(d: dict[str, Any], mt: str) -> tuple[float, dict | None, float | None]
 def from_hf_config(d: dict[str, Any]) -> ModelConfig:
     """Translate a Hugging Face config.json dict; CheckpointError names what is missing or unsupported."""
     mt = _model_type(d)
-    if d.get("quantization_config"):
-        method = d["quantization_config"].get("quant_method", "?")
-        raise CheckpointError(f"quantized checkpoints are not supported (quantization_config: {method})")
+    fp8_format(d)  # fp8 block-quantized weights are dequantized at load; any other quantization is refused
     n_experts = d.get("num_experts", d.get("num_local_experts"))
     if mt in _DEEPSEEK:
         n_experts = d.get("n_routed_experts", n_experts)

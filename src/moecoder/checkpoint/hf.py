@@ -5,6 +5,8 @@ safetensors files, so host memory peaks near the size of the weights, not twice 
 tensors used as they are stored come as zero-copy views of the memory-mapped file; tensors
 that need a dtype conversion, another device, or assembly from per-expert pieces are read with
 pread(2) into their destination, so the file's pages never sit in this process beside the copy.
+FP8 block-quantized weights (see fp8.py) are dequantized into their destination a few block rows at
+a time, read the same way.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ..model import Transformer
 from ..model.rope import rope_frequencies
 from .config_hf import from_hf_config, to_hf_config
 from .formats import IGNORED, TABLES, CheckpointError, Piece, fused_table, plan
+from .fp8 import SCALE_SUFFIX, Fp8Format, check_quantized, dequantize_into, fp8_format, scale_name
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -122,14 +125,22 @@ class _Reader:
         except SafetensorError as e:
             raise CheckpointError(f"{path}: cannot read tensor {name} ({e})") from None
 
-    def shape(self, path: Path, name: str) -> tuple[int, ...]:
-        key = (path, "mmap")
+    def slice(self, path: Path, name: str, backend: str = "mmap"):
+        key = (path, backend)
         if key not in self.handles:
-            self.handles[key] = _open(path, "mmap")
+            self.handles[key] = _open(path, backend)
         try:
-            return tuple(self.handles[key].get_slice(name).get_shape())
+            return self.handles[key].get_slice(name)
         except SafetensorError:
             raise CheckpointError(f"{path} does not contain tensor {name} listed in {INDEX}") from None
+
+    def shape(self, path: Path, name: str) -> tuple[int, ...]:
+        return tuple(self.slice(path, name).get_shape())
+
+    def info(self, path: Path, name: str) -> tuple[tuple[int, ...], str]:
+        """(shape, safetensors dtype name such as 'BF16' or 'F8_E4M3'), from the header alone."""
+        s = self.slice(path, name)
+        return tuple(s.get_shape()), s.get_dtype()
 
 
 def _expected_shapes(model: Transformer) -> dict[str, tuple[int, ...]]:
@@ -145,6 +156,19 @@ def _extra_layers(cfg: ModelConfig, hf: dict[str, Any]) -> re.Pattern | None:
     if cfg.model_type != "deepseek_v3" or not n:
         return None
     return re.compile(rf"^model\.layers\.({'|'.join(str(cfg.n_layers + i) for i in range(n))})\.")
+
+
+def _split_scales(files: dict[str, Path], fmt: Fp8Format | None) -> tuple[dict[str, Path], set[str]]:
+    """(the checkpoint's tensors less the fp8 scales, the names of the weights that have a scale)."""
+    scaled = {n.removesuffix(SCALE_SUFFIX) for n in files if n.endswith(SCALE_SUFFIX)}
+    orphans = sorted(scale_name(w) for w in scaled if w not in files)
+    if orphans:
+        raise CheckpointError(f"fp8 scale tensor(s) without their weight: {_names(orphans)}")
+    if scaled and fmt is None:
+        w = min(scaled)
+        raise CheckpointError(f"tensor {w} is fp8-quantized (it has {scale_name(w)}) but config.json has no "
+                              "quantization_config")
+    return {n: f for n, f in files.items() if not n.endswith(SCALE_SUFFIX)}, scaled
 
 
 def _check_names(plans: dict[str, list[Piece]], files: dict[str, Path], tied: bool,
@@ -172,31 +196,37 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     """Load a Hugging Face checkpoint folder of a supported model type into a moecoder Transformer.
 
     Accepts a single model.safetensors or shards with model.safetensors.index.json, experts
-    stored per expert (released checkpoints) or fused (transformers 5). Every tensor is checked
-    by name and shape; any mismatch raises one CheckpointError naming the tensors.
+    stored per expert (released checkpoints) or fused (transformers 5), and fp8 block-quantized
+    checkpoints (DeepSeek-V3/R1, MiniMax-M2 as released), dequantized to `dtype` as they are read.
+    Every tensor is checked by name and shape (fp8 ones also against their scale); any mismatch
+    raises one CheckpointError naming the tensors.
     """
     folder, hf = _hf_config(path)
     cfg = from_hf_config(hf)
+    fmt = fp8_format(hf)
     device = torch.device(device)
     with torch.device("meta"):
         model = Transformer(cfg)
     files = _weight_files(folder)
-    fused = any(n.endswith(".experts.gate_up_proj") for n in files)
+    weights, scaled = _split_scales(files, fmt)
+    fused = any(n.endswith(".experts.gate_up_proj") for n in weights)
     table = fused_table(TABLES[cfg.model_type]) if fused else TABLES[cfg.model_type]
     shapes = _expected_shapes(model)
     plans = plan(table, shapes)
-    _check_names(plans, files, cfg.tie_embeddings, _extra_layers(cfg, hf))
+    _check_names(plans, weights, cfg.tie_embeddings, _extra_layers(cfg, hf))
 
     reader = _Reader()
     state: dict[str, torch.Tensor] = {}
     for name, pieces in plans.items():
         for p in pieces:
-            found = reader.shape(files[p.name], p.name)
+            found, stored = reader.info(files[p.name], p.name)
             if found != p.shape:
                 raise CheckpointError(f"tensor {p.name}: expected shape {list(p.shape)}, found {list(found)}")
+            scale = reader.info(files[scale_name(p.name)], scale_name(p.name)) if p.name in scaled else None
+            check_quantized(fmt, p.name, found, stored, scale)
         # The selection-only routing bias stays fp32, as transformers keeps it: bf16 rounding would move choices.
         want = torch.float32 if name.endswith("router.bias") else dtype
-        state[name] = _assemble(reader, files, pieces, shapes[name], want, device)
+        state[name] = _assemble(reader, files, pieces, shapes[name], want, device, scaled, fmt)
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["embed.weight"]
     model.load_state_dict(state, strict=True, assign=True)
@@ -208,8 +238,9 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     return LoadedCheckpoint(model.eval(), cfg, hf, eos, bos)
 
 
-def _assemble(reader: _Reader, files, pieces: list[Piece], shape, dtype, device) -> torch.Tensor:
-    if len(pieces) == 1 and pieces[0].index == ():
+def _assemble(reader: _Reader, files, pieces: list[Piece], shape, dtype, device,
+              scaled: set[str], fmt: Fp8Format | None) -> torch.Tensor:
+    if len(pieces) == 1 and pieces[0].index == () and pieces[0].name not in scaled:
         p = pieces[0]
         t = reader.get(files[p.name], p.name, "mmap")
         if t.dtype == dtype and device.type == "cpu":
@@ -218,7 +249,11 @@ def _assemble(reader: _Reader, files, pieces: list[Piece], shape, dtype, device)
         return reader.get(files[p.name], p.name, "pread").to(device=device, dtype=dtype)
     out = torch.empty(shape, dtype=dtype, device=device)  # stacked experts, filled piece by piece
     for p in pieces:
-        out[p.index].copy_(reader.get(files[p.name], p.name, "pread"))
+        if p.name in scaled:  # fp8: dequantized block rows at a time, read with pread
+            scale = reader.get(files[scale_name(p.name)], scale_name(p.name), "pread")
+            dequantize_into(out[p.index], reader.slice(files[p.name], p.name, "pread"), scale, fmt)
+        else:
+            out[p.index].copy_(reader.get(files[p.name], p.name, "pread"))
     return out
 
 
