@@ -33,7 +33,7 @@ FP8_DTYPE = "F8_E4M3"  # safetensors' name of torch.float8_e4m3fn
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2")  # any of these without a quantization_config is an error
 _FLOAT_SCALES = ("F32", "BF16", "F16", "F64")
 DEFAULT_BLOCK = (128, 128)  # transformers' FineGrainedFP8Config default
-_CHUNK_ELEMENTS = 1 << 22  # fp32 intermediates of one dequantization step: ~2 x 16 MiB
+_CHUNK_ELEMENTS = 1 << 21  # values dequantized per step: an 8 MiB fp32 chunk, and its 2 MiB of fp8
 
 
 @dataclass(frozen=True)
@@ -124,17 +124,25 @@ def dequantize_into(out: torch.Tensor, weight: Any, scale: torch.Tensor, fmt: Fp
     """out[..., rows, cols] = weight * scale, each fp8 value times the scale of its block.
 
     `weight` is the stored fp8 tensor or anything indexed like it (a safetensors slice, read lazily);
-    it is read a few block rows at a time, and the product is formed in fp32 and rounded once to
-    out.dtype, so the extra memory is two small fp32 chunks whatever the size of the tensor.
+    it is read a few block rows at a time. The product is formed in fp32 (in `out` itself when that
+    is fp32, else in one small chunk) and rounded once to out.dtype, so the memory beside `out` is a
+    chunk or two whatever the size of the tensor.
     """
     *lead, rows, cols = out.shape
     bm, bn = fmt.block or (rows, cols)
     grid = scale.to(device="cpu", dtype=torch.float32).reshape(*lead, _cdiv(rows, bm), _cdiv(cols, bn))
     step = bm * max(1, _CHUNK_ELEMENTS // (bm * cols))
+    in_place = out.dtype == torch.float32 and out.device.type == "cpu"
     for idx in itertools.product(*map(range, lead)):
         for r0 in range(0, rows, step):
             r1 = min(r0 + step, rows)
-            s = grid[idx][r0 // bm : _cdiv(r1, bm)]
-            s = s.repeat_interleave(bm, 0)[: r1 - r0].repeat_interleave(bn, 1)[:, :cols]
             q = weight[(*idx, slice(r0, r1))]
-            out[idx][r0:r1].copy_(q.to(torch.float32).mul_(s))
+            dest = out[idx][r0:r1]
+            x = dest.copy_(q) if in_place else q.to(torch.float32)  # fp8 -> fp32 is exact
+            s = grid[idx][r0 // bm : _cdiv(r1, bm)].repeat_interleave(bm, 0)[: r1 - r0]  # [r1 - r0, col blocks]
+            full = cols // bn  # whole column blocks, then the partial one
+            x[:, : full * bn].unflatten(1, (full, bn)).mul_(s[:, :full, None])
+            if cols % bn:
+                x[:, full * bn :].mul_(s[:, full:])
+            if not in_place:
+                dest.copy_(x)
