@@ -374,6 +374,12 @@ def test_scale_beside_an_unquantized_weight(fp8_dir):
         load_checkpoint(fp8_dir)
 
 
+def test_scale_must_be_floating_point(fp8_dir):
+    _edit(fp8_dir, add={Q + "_scale_inv": torch.ones(2, 3, dtype=torch.uint8)})
+    with pytest.raises(CheckpointError, match=f"tensor {Q}_scale_inv is stored as U8; fp8 scales are floating-point"):
+        load_checkpoint(fp8_dir)
+
+
 @pytest.mark.parametrize("method", ["gptq", "awq", "bitsandbytes", "compressed-tensors", None])
 def test_other_quantizations_are_refused(fp8_dir, method):
     _edit(fp8_dir, config={"quantization_config": {"quant_method": method, "bits": 4}})

@@ -102,9 +102,7 @@ def check_quantized(fmt: Fp8Format | None, weight: str, shape: tuple[int, ...], 
                                       "quantization_config")
             raise CheckpointError(f"tensor {weight} is stored as {dtype} without its scale {scale_name(weight)}")
         return
-    if fmt is None:
-        raise CheckpointError(f"tensor {weight} is fp8-quantized (it has {scale_name(weight)}) but config.json "
-                              "has no quantization_config")
+    assert fmt is not None  # a scale without a quantization_config is refused before (hf._split_scales)
     if dtype != FP8_DTYPE:
         raise CheckpointError(f"tensor {weight} has a scale {scale_name(weight)} but is stored as {dtype}, "
                               f"not {FP8_DTYPE}")
