@@ -49,17 +49,24 @@ def weight_bytes_per_token(model, dtype_bytes: int) -> int:
     return total * dtype_bytes
 
 
-def copy_bandwidth(n_bytes: int = 512 * 2**20, repeats: int = 10) -> float:
+def copy_bandwidth(n_bytes: int = 512 * 2**20, repeats: int = 10, device: str = "cpu") -> float:
     """Measured memory bandwidth in bytes/s of a large tensor copy (read + write counted)."""
-    a = torch.empty(n_bytes // 4)
+    a = torch.empty(n_bytes // 4, device=device)
     b = torch.empty_like(a)
     b.copy_(a)
     times = []
     for _ in range(repeats):
+        _sync(device)
         t = time.perf_counter()
         b.copy_(a)
+        _sync(device)
         times.append(time.perf_counter() - t)
     return 2 * n_bytes / statistics.median(times)
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def median_time(fn, repeats: int) -> float:

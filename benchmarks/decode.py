@@ -66,12 +66,14 @@ def llama_cpp_tok_s(ckpt_dir: Path, dtype: str, n_tokens: int) -> float | None:
 def measure(dtype: torch.dtype, name: str, args, bw: float) -> dict:
     """One table row: transformers, moecoder eager (and compiled), roofline, llama.cpp for one dtype."""
     hf, ours, ckpt = build_reference(dtype)
-    ids = torch.randint(0, 32000, (1, args.prompt_len), generator=torch.Generator().manual_seed(1))
+    hf, ours = hf.to(args.device), ours.to(args.device)
+    ids = torch.randint(0, 32000, (1, args.prompt_len), generator=torch.Generator().manual_seed(1)).to(args.device)
     n = args.tokens
 
     def run_hf():
         with torch.inference_mode():
-            return hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+            out = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        return out.cpu()  # waits for the device
 
     def run_ours(compile=False):
         return generate(ours, [ids[0].tolist()], n, compile=compile)
@@ -89,7 +91,7 @@ def measure(dtype: torch.dtype, name: str, args, bw: float) -> dict:
         row["compile_s"] = max(time.perf_counter() - t0 - n / row["moecoder"], 0.0)
         row["moecoder_compiled"] = n / median_time(lambda: run_ours(True), args.repeats)
         row["same_tokens"] = f"{same} / compiled {same_compiled}"
-    row["llama_cpp"] = llama_cpp_tok_s(ckpt, name, n)
+    row["llama_cpp"] = llama_cpp_tok_s(ckpt, name, n) if args.device == "cpu" else None
     shutil.rmtree(ckpt, ignore_errors=True)
     return row
 
@@ -99,12 +101,14 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (llama.cpp column: CPU only)")
     ap.add_argument("--compile", action="store_true",
                     help="also time moecoder with a torch.compile'd decode step (and report its compile time)")
     args = ap.parse_args()
 
-    bw = copy_bandwidth()
-    print(f"# decode benchmark  ({threads_note()})  copy bandwidth {bw / 1e9:.1f} GB/s")
+    bw = copy_bandwidth(device=args.device)
+    where = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
+    print(f"# decode benchmark on {where}  ({threads_note()})  copy bandwidth {bw / 1e9:.1f} GB/s")
     rows = [measure(dtype, name, args, bw) for dtype, name in ((torch.float32, "f32"), (torch.bfloat16, "bf16"))]
 
     print("| dtype | transformers tok/s | moecoder tok/s | ratio | compiled tok/s | ratio | compile s | "
@@ -120,7 +124,7 @@ def main() -> None:
               f"{'n/a' if lc is None else f'{lc:.1f}'} | {'n/a' if lc is None else f'{best / lc:.2f}'} | {r['same_tokens']} |")
     print(f"\nload average {os.getloadavg()[0]:.1f} (shared machine: compare ratios within one run)")
     print(f"\nreproduce: .venv/bin/python benchmarks/decode.py --tokens {args.tokens} --repeats {args.repeats}"
-          + (" --compile" if args.compile else ""))
+          + (" --compile" if args.compile else "") + (f" --device {args.device}" if args.device != "cpu" else ""))
 
 
 if __name__ == "__main__":
