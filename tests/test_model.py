@@ -104,3 +104,20 @@ def test_bad_configs_are_named():
         get_preset("nope")
     with pytest.raises(ConfigError, match="unknown config fields: bogus"):
         ModelConfig.from_dict({"bogus": 1})
+
+
+def test_replace_derives_again_what_the_preset_derived():
+    """A preset's derived sizes follow the fields they came from; sizes it was given stay."""
+    from moecoder.config import get_preset
+
+    debug = get_preset("debug")  # head_dim 64 / 4 = 16 (derived), moe_ffn_dim 64 (given)
+    assert debug.replace(dim=256).head_dim == 64
+    assert debug.replace(dim=256, head_dim=16).head_dim == 16
+    assert debug.replace(n_heads=8).head_dim == 8
+    assert debug.replace(vocab_size=100).head_dim == 16  # nothing it derives from changed
+    qwen = get_preset("qwen3-30b-a3b")  # head_dim 128 given (dim / n_heads would be 64)
+    assert qwen.replace(dim=1024).head_dim == 128
+    mixtral = get_preset("bench-mixtral")  # moe_ffn_dim and shared_ffn_dim derived from ffn_dim
+    changed = mixtral.replace(ffn_dim=2000)
+    assert (changed.moe_ffn_dim, changed.shared_ffn_dim) == (2000, 2000)
+    assert mixtral.replace(ffn_dim=2000, moe_ffn_dim=500).shared_ffn_dim == 500

@@ -163,7 +163,19 @@ class ModelConfig:
         return self.sliding_window_layers is None or i in self.sliding_window_layers
 
     def replace(self, **kw: Any) -> "ModelConfig":
+        """A copy with `kw` changed. Sizes this config derived rather than was given (head_dim from
+        dim / n_heads, moe_ffn_dim from ffn_dim, shared_ffn_dim from moe_ffn_dim) are derived again
+        from the new values unless `kw` sets them: `get_preset("debug").replace(dim=256)` gets
+        head_dim 64, not the debug preset's 16."""
         d = dataclasses.asdict(self)
+        derived = {  # field: (the value it would derive to here, the fields it derives from)
+            "head_dim": (self.dim // self.n_heads, ("dim", "n_heads")),
+            "moe_ffn_dim": (self.ffn_dim, ("ffn_dim",)),
+            "shared_ffn_dim": (self.moe_ffn_dim, ("ffn_dim", "moe_ffn_dim")),
+        }
+        for name, (value, sources) in derived.items():
+            if name not in kw and d[name] == value and any(k in kw for k in sources):
+                d[name] = None
         d.update(kw)
         return ModelConfig(**d)
 
