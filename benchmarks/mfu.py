@@ -34,8 +34,8 @@ from moecoder.sizing import attention_flops, meta_params
 from moecoder.train.loop import StepOptions, train_step
 from moecoder.train.optim import build_optimizer
 
-MOE_500M = dict(vocab_size=32000, dim=1024, n_layers=12, n_heads=16, n_kv_heads=4, ffn_dim=2816, moe_ffn_dim=1408,
-                n_experts=8, top_k=2, norm_topk=True, max_seq_len=4096, rope_theta=1e6)
+MOE_500M = {"vocab_size": 32000, "dim": 1024, "n_layers": 12, "n_heads": 16, "n_kv_heads": 4, "ffn_dim": 2816,
+            "moe_ffn_dim": 1408, "n_experts": 8, "top_k": 2, "norm_topk": True, "max_seq_len": 4096, "rope_theta": 1e6}
 
 # Dense bf16 tensor-core peaks (datasheets), TFLOP/s, matched against torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0}

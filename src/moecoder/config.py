@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -162,7 +162,7 @@ class ModelConfig:
             return False
         return self.sliding_window_layers is None or i in self.sliding_window_layers
 
-    def replace(self, **kw: Any) -> "ModelConfig":
+    def replace(self, **kw: Any) -> ModelConfig:
         """A copy with `kw` changed. Sizes this config derived rather than was given (head_dim from
         dim / n_heads, moe_ffn_dim from ffn_dim, shared_ffn_dim from moe_ffn_dim) are derived again
         from the new values unless `kw` sets them: `get_preset("debug").replace(dim=256)` gets
@@ -187,7 +187,7 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:

@@ -28,8 +28,8 @@ from typing import Protocol
 
 import torch
 
-from ..generate import SamplingParams as Sampling
 from .. import sizing
+from ..generate import SamplingParams as Sampling
 from ..generate import StopMatcher, sample_rows
 from ..model import KVCache, Transformer
 
