@@ -4,18 +4,14 @@ import json
 import sys
 
 import pytest
+from checkpoint_fixtures import tiny_checkpoint
 
 from moecoder import cli, engine_cli
-from moecoder.checkpoint import load_checkpoint, save_checkpoint
+from moecoder.checkpoint import load_checkpoint
 from moecoder.config import get_preset
 from moecoder.generate import SamplingParams, generate_text
-from moecoder.model import Transformer
 from moecoder.sizing import size_model
-from moecoder.tokenizer import Tokenizer, train_byte_bpe
-
-CORPUS = ["def square(x):\n    return x * x\n", "for k, v in items.items():\n    print(k, v)\n"] * 40
-
-
+from moecoder.tokenizer import Tokenizer
 
 
 def run(monkeypatch, capsys, *args):
@@ -32,12 +28,7 @@ def run(monkeypatch, capsys, *args):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    tok = train_byte_bpe(CORPUS, 300, root / "tok")
-    cfg = get_preset("debug").replace(vocab_size=tok.vocab_size, norm_topk=True)
-    m = Transformer(cfg)
-    m.init_weights(std=0.1, seed=0)
-    return save_checkpoint(m, root / "model", tokenizer_dir=root / "tok", extra_config={"eos_token_id": 0})
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def test_info_preset_table_and_json(monkeypatch, capsys):
