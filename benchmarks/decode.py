@@ -3,9 +3,11 @@
 Same random weights in both (an HF Mixtral folder written by transformers, loaded by moecoder).
 Also reports decode speed as a fraction of the memory-bandwidth roofline:
 roofline tok/s = measured copy bandwidth / bytes of weights read per token.
-bf16 rows keep bf16 weights and run bf16 matmuls (the CPU kernels accumulate in fp32; the compiled
-MoE step's fused gather-multiply-sum too); RMSNorm statistics, rotary angles and router scores are
-computed in fp32 as in the reference implementations. No weight is converted to another dtype.
+bf16 rows keep bf16 weights and run bf16 matmuls, accumulated in fp32: on moecoder's side by its
+few-row bf16 C kernel (moecoder/kernels, eager and as an opaque op in the compiled step) where a C
+compiler is present and it measures faster, else by PyTorch's kernels (MOECODER_CPU_KERNELS=0 forces
+that). RMSNorm statistics, rotary angles and router scores are computed in fp32 as in the reference
+implementations. No weight is converted to another dtype.
 
     .venv/bin/python benchmarks/decode.py [--tokens 64] [--repeats 3] [--compile]
 
@@ -31,6 +33,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _reference import build_reference, copy_bandwidth, median_time, threads_note, weight_bytes_per_token
 
 from moecoder.generate import generate
+
+
+def _agreement(ref: list[int], got: list[int]) -> str:
+    """How many leading greedy tokens agree: in bf16 the two sides round differently (summation order),
+    and on random weights a near-tie of two logits can flip one argmax, after which the texts differ."""
+    n = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), min(len(ref), len(got)))
+    return f"first {n}/{len(ref)}"
 
 
 def _write_sentencepiece_vocab(ckpt_dir: Path) -> None:
@@ -79,7 +88,7 @@ def measure(dtype: torch.dtype, name: str, args, bw: float) -> dict:
         return generate(ours, [ids[0].tolist()], n, compile=compile)
 
     hf_tokens = run_hf()[0, args.prompt_len:].tolist()
-    same = hf_tokens == run_ours()[0].tokens
+    same = _agreement(hf_tokens, run_ours()[0].tokens)
     t_hf = median_time(run_hf, args.repeats)
     t_ours = median_time(run_ours, args.repeats)
     roof = bw / weight_bytes_per_token(ours, torch.finfo(dtype).bits // 8)
@@ -87,7 +96,7 @@ def measure(dtype: torch.dtype, name: str, args, bw: float) -> dict:
     if args.compile:
         # The first compiled call pays the compile (once per process and cache shape): time it apart.
         t0 = time.perf_counter()
-        same_compiled = run_ours(True)[0].tokens == hf_tokens
+        same_compiled = _agreement(hf_tokens, run_ours(True)[0].tokens)
         row["compile_s"] = max(time.perf_counter() - t0 - n / row["moecoder"], 0.0)
         row["moecoder_compiled"] = n / median_time(lambda: run_ours(True), args.repeats)
         row["same_tokens"] = f"{same} / compiled {same_compiled}"
@@ -112,7 +121,7 @@ def main() -> None:
     rows = [measure(dtype, name, args, bw) for dtype, name in ((torch.float32, "f32"), (torch.bfloat16, "bf16"))]
 
     print("| dtype | transformers tok/s | moecoder tok/s | ratio | compiled tok/s | ratio | compile s | "
-          "% of roofline (best) | roofline tok/s | llama.cpp tok/s | moecoder/llama.cpp | same greedy tokens |")
+          "% of roofline (best) | roofline tok/s | llama.cpp tok/s | moecoder/llama.cpp | greedy tokens equal to transformers' |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         comp = r.get("moecoder_compiled")

@@ -63,10 +63,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(ckpt: Path, max_batch: int, threads: int, context: int) -> tuple[subprocess.Popen, str]:
+def start_server(ckpt: Path, max_batch: int, threads: int, context: int, dtype: str = "float32",
+                 ) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "moecoder", "serve", "--model", str(ckpt), "--port", str(port),
-           "--max-batch", str(max_batch), "--max-context", str(context), "--threads", str(threads),
+           "--max-batch", str(max_batch), "--max-context", str(context), "--threads", str(threads), "--dtype", dtype,
            "--served-model-name", "bench"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -187,6 +188,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64, help="mean output tokens (each request: 0.5x-1.5x)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per mode (median reported)")
     ap.add_argument("--threads", type=int, default=1, help="server torch threads (1: robust on shared CPUs)")
+    ap.add_argument("--dtype", default="float32", help="server weights and KV cache: float32 or bfloat16")
     args = ap.parse_args()
     if args.preset and args.model:
         ap.error("give --model or --preset, not both")
@@ -204,7 +206,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {name: [] for name in modes}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = build_checkpoint(args.preset, args.vocab, Path(tmp)) if args.preset else args.model
-        servers = {name: start_server(ckpt, mb, args.threads, context) for name, mb in modes.items()}
+        servers = {name: start_server(ckpt, mb, args.threads, context, args.dtype) for name, mb in modes.items()}
         try:
             # Alternate the two servers round by round, so load from other processes on a shared
             # machine hits both alike; report each mode's median round.
@@ -220,7 +222,7 @@ def main() -> None:
     print(f"model: {what} (dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_experts} experts "
           f"top-{cfg.top_k}, vocab {cfg.vocab_size}); {args.clients} concurrent streaming clients, {requests} requests "
           f"of {args.max_tokens // 2}-{args.max_tokens * 3 // 2} output tokens, {args.rounds} alternating rounds; "
-          f"server --threads {args.threads}; loopback HTTP; CPU ({os.cpu_count()} cores)")
+          f"server --threads {args.threads} --dtype {args.dtype}; loopback HTTP; CPU ({os.cpu_count()} cores)")
     medians = {}
     for name, rs in runs.items():
         medians[name] = sorted(rs, key=lambda r: r["tok_s"])[len(rs) // 2]

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .kernels import cpu as cpu_kernels
 from .model import KVCache, Transformer
 
 
@@ -146,6 +147,7 @@ def compiled_decode_one_token():
     """decode_one_token under torch.compile, built once per process so that every generate call
     reuses its graphs. Traced, the step has static shapes (see AttentionStep): it compiles once per
     (batch, cache length), not once per position."""
+    cpu_kernels.prepare_for_compile()  # bf16 products go to the C kernel as opaque ops when it is in use
     return torch.compile(decode_one_token, dynamic=False)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..kernels import cpu as cpu_kernels
 from .linear import MIN_ROWS, use_fp32_product
 
 
@@ -27,7 +28,7 @@ def _segments(counts_E: list[int]):
 
 class _GroupedSwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_MC, w13_EHC, w2_ECF, counts_E: list[int], fp32_products: bool = False):
+    def forward(ctx, x_MC, w13_EHC, w2_ECF, counts_E: list[int], fp32_products: bool = False, kernel=None):
         M, C = x_MC.shape
         Fh = w2_ECF.shape[2]
         x_MC = x_MC.contiguous()
@@ -37,6 +38,11 @@ class _GroupedSwiGLU(torch.autograd.Function):
         # Elementwise work per segment, right after the matmul that wrote it: the segment is still in cache.
         for e, lo, hi in _segments(counts_E):
             if hi > lo:
+                if kernel is not None and hi - lo <= cpu_kernels.MAX_ROWS:  # few-row bf16 inference (kernels/cpu.py)
+                    h = kernel.mm(x_MC[lo:hi], w13_EHC[e], out=h_MH[lo:hi])
+                    a = torch.mul(F.silu(h[:, :Fh]), h[:, Fh:], out=a_MF[lo:hi])
+                    kernel.mm(a, w2_ECF[e], out=y_MC[lo:hi])
+                    continue
                 if fp32_products and hi - lo >= MIN_ROWS:  # inference on a CPU where it is faster (linear.py)
                     h = h_MH[lo:hi].copy_(torch.mm(x_MC[lo:hi].float(), w13_EHC[e].float().t()))
                     a = torch.mul(F.silu(h[:, :Fh]), h[:, Fh:], out=a_MF[lo:hi])
@@ -82,7 +88,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
                 torch.mm(dh.t(), x_MC[lo:hi], out=dw13[e])
             if need_x:
                 torch.mm(dh, w13_EHC[e], out=dx[lo:hi])
-        return dx, dw13, dw2, None, None
+        return dx, dw13, dw2, None, None, None
 
 
 def grouped_swiglu(x_MC: torch.Tensor, w13_EHC: torch.Tensor, w2_ECF: torch.Tensor, counts_E: list[int]):
@@ -98,4 +104,5 @@ def grouped_swiglu(x_MC: torch.Tensor, w13_EHC: torch.Tensor, w2_ECF: torch.Tens
             return _GroupedSwiGLU.apply(x_MC.to(cd), w13_EHC.to(cd), w2_ECF.to(cd), counts_E)
     # Decided here, outside the Function: inside its forward autograd is always off.
     fp32_products = w13_EHC.dtype == x_MC.dtype and use_fp32_product(x_MC, max(counts_E, default=0))
-    return _GroupedSwiGLU.apply(x_MC, w13_EHC, w2_ECF, counts_E, fp32_products)
+    kernel = cpu_kernels.kernel() if cpu_kernels.usable(x_MC, w13_EHC, 1) and w2_ECF.stride(-1) == 1 else None
+    return _GroupedSwiGLU.apply(x_MC, w13_EHC, w2_ECF, counts_E, fp32_products, kernel)

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import cpu as cpu_kernels
+
 MIN_ROWS = 64  # below this the weight conversion costs more than the fp32 product saves
 _HALF = (torch.bfloat16, torch.float16)
 
@@ -64,8 +66,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear, with the fp32 detour for many-row 16-bit products on CPUs where it is faster, and
     16-bit single-row products under torch.compile written as a multiply-and-sum (see below)."""
     rows = x.numel() // max(x.shape[-1], 1)
+    if cpu_kernels.usable(x, weight, rows):  # few-row bf16 inference: the C kernel streams bf16 weights faster
+        x2 = x.reshape(rows, x.shape[-1])
+        return cpu_kernels.kernel().mm(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
     if weight.dtype == x.dtype and use_fp32_product(x, rows):
         return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+    if (torch.compiler.is_compiling() and cpu_kernels.READY is not None and x.dtype == torch.bfloat16
+            and weight.dtype == torch.bfloat16 and rows <= cpu_kernels.MAX_ROWS and x.device.type == "cpu"):
+        # A compiled decode step: the kernel as an opaque op (see kernels/cpu.py).
+        y = torch.ops.moecoder.bf16_mm(x.reshape(rows, x.shape[-1]), weight, bias)
+        return y.view(*x.shape[:-1], weight.shape[0])
     if rows == 1 and x.dtype in _HALF and x.device.type == "cpu" and torch.compiler.is_compiling():
         # A compiled batch-1 decode step: inductor fuses this into one pass over the 16-bit weight
         # with fp32 accumulation, which streams it faster than the eager bf16 matrix-vector kernel

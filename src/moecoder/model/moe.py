@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..kernels import cpu as cpu_kernels
 from .grouped_swiglu import grouped_swiglu
-from .linear import Linear
+from .linear import Linear, linear
 
 
 class FeedForward(nn.Module):
@@ -117,8 +118,8 @@ class GroupedExperts(nn.Module):
         self.use_grouped_mm = False  # set by the engine at the edge (helps on CUDA, not on CPU)
 
     def expert(self, e: int, x_nC: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x_nC, self.w13[e]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.w2[e])
+        gate, up = linear(x_nC, self.w13[e]).chunk(2, dim=-1)
+        return linear(F.silu(gate) * up, self.w2[e])
 
     def forward(self, x_sorted_MC: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
         """x sorted by expert, counts_E[e] rows for expert e; returns outputs in the same order."""
@@ -179,6 +180,9 @@ class MoE(nn.Module):
     def _decode_path(self, x_NC, weights_NK, ids_NK) -> torch.Tensor:
         """Few tokens (decode): loop over each token's experts on weight views, no sort or copies."""
         if torch.compiler.is_compiling():
+            if cpu_kernels.READY is not None and x_NC.dtype == torch.bfloat16 and x_NC.device.type == "cpu" \
+                    and self.experts.w13.dtype == torch.bfloat16:
+                return torch.ops.moecoder.bf16_moe_swiglu(x_NC, self.experts.w13, self.experts.w2, ids_NK, weights_NK)
             return self._gathered_path(x_NC, weights_NK, ids_NK)
         # One host read of the ids and weights (Python floats hold the x-dtype weights exactly).
         ids, ws = ids_NK.tolist(), weights_NK.to(x_NC.dtype).tolist()

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..kernels import cpu as cpu_kernels
 from .attention import Attention, AttentionStep, KVCache, RMSNorm
 from .linear import Linear, linear
 from .loss import IGNORE_INDEX, fused_ce_supported, linear_cross_entropy
@@ -128,7 +129,8 @@ class Transformer(nn.Module):
         8192 x 256, 8 rows: 0.93 vs 0.58 ms; 32000 x 512: 7.1 vs 5.1 ms), while for 1-4 rows
         h @ W^T is the faster one (a matrix-vector product)."""
         rows = h_BTC.shape[0] * h_BTC.shape[1]
-        if 6 <= rows <= 64 and h_BTC.device.type == "cpu" and not torch.is_grad_enabled():
+        if 6 <= rows <= 64 and h_BTC.device.type == "cpu" and not torch.is_grad_enabled() \
+                and not cpu_kernels.usable(h_BTC, self.lm_head.weight, rows):
             h_NC, w = h_BTC.reshape(rows, -1), self.lm_head.weight
             if torch.is_autocast_enabled("cpu"):
                 h_NC, w = h_NC.to(torch.get_autocast_dtype("cpu")), w.to(torch.get_autocast_dtype("cpu"))

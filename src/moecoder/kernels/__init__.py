@@ -1,0 +1,1 @@
+"""Optional native kernels (built at first use; PyTorch is the fallback)."""

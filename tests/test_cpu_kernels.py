@@ -1,0 +1,181 @@
+"""The few-row bf16 CPU kernel (kernels/gemm_bf16.c): each of its three code paths against PyTorch,
+the build cache, the fallbacks, and that bf16 decode uses it and still matches PyTorch's products."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moecoder.config import get_preset
+from moecoder.kernels import cpu
+from moecoder.model import KVCache, Transformer
+
+# -march for each path: VDPBF16PS (AVX512_BF16), widen + FMA (AVX-512F), portable C.
+PATHS = {"avx512_bf16": "sapphirerapids", "avx512f": "skylake-avx512", "portable": "x86-64"}
+SHAPES = [(1, 1, 1), (1, 17, 33), (2, 9, 64), (3, 5, 100), (4, 20, 7), (5, 33, 130), (7, 16, 31), (16, 40, 256),
+          (1, 300, 512)]
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        return flag in open("/proc/cpuinfo").read().split()
+    except OSError:
+        return False
+
+
+def _runs_here(isa: str) -> bool:
+    return {"avx512_bf16": _cpu_has("avx512_bf16"), "avx512f": _cpu_has("avx512f"), "portable": True}[isa]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """isa -> Kernel, for each path this CPU can execute (building needs a C compiler)."""
+    if cpu._compiler() is None:
+        pytest.skip("no C compiler on this machine: the kernel is optional and PyTorch is used")
+    out = tmp_path_factory.mktemp("kernels")
+    kernels = {}
+    for isa, march in PATHS.items():
+        if _runs_here(isa):
+            k = cpu.Kernel(cpu.build(out, march=march))
+            assert k.isa == isa, f"-march={march} built the {k.isa} path"
+            kernels[isa] = k
+    return kernels
+
+
+def _bf16_ulps(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """|got - want| in units of the bf16 spacing at want (1 = one rounding step)."""
+    spacing = torch.finfo(torch.bfloat16).eps * want.float().abs().clamp_min(1e-3)
+    return (got.float() - want.float()).abs() / spacing
+
+
+@pytest.mark.parametrize("isa", list(PATHS))
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_kernel_matches_torch_bf16_product(built, isa, M, N, K):
+    if isa not in built:
+        pytest.skip(f"this CPU cannot run the {isa} path")
+    k = built[isa]
+    g = torch.Generator().manual_seed(M * 1000 + N * 10 + K)
+    x = torch.randn(M, K + 5, generator=g).bfloat16()[:, :K]  # strided rows
+    w = torch.randn(N, K, generator=g).bfloat16()
+    b = torch.randn(N, generator=g).bfloat16()
+    exact = x.double() @ w.double().t()
+    for bias in (None, b):
+        got = k.mm(x, w, bias)
+        want = F.linear(x, w, bias)
+        ref = exact + (0 if bias is None else bias.double())
+        assert got.dtype == torch.bfloat16 and got.shape == (M, N)
+        # Both accumulate exact products in fp32 and round once; only the summation order differs.
+        assert torch.allclose(got.double(), ref, rtol=2**-7, atol=2e-6 * K), (got - ref).abs().max()
+        assert _bf16_ulps(got, want).max() <= 2
+
+
+@pytest.mark.parametrize("isa", list(PATHS))
+def test_kernel_rounds_like_torch_when_the_sum_is_exact(built, isa):
+    """Small integers: every partial sum is exact in fp32 whatever the order, so the only rounding is
+    the final one to bf16 (to nearest, ties to even), which must equal PyTorch's bit for bit."""
+    if isa not in built:
+        pytest.skip(f"this CPU cannot run the {isa} path")
+    g = torch.Generator().manual_seed(7)
+    x = torch.randint(-8, 9, (6, 200), generator=g).bfloat16()
+    w = torch.randint(-8, 9, (50, 200), generator=g).bfloat16()
+    b = torch.randint(-300, 301, (50,), generator=g).bfloat16()
+    got, want = built[isa].mm(x, w, b), F.linear(x, w, b)
+    assert (x.float() @ w.float().t() + b.float()).abs().max() > 256  # results that bf16 must round
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("isa", list(PATHS))
+def test_kernel_writes_into_strided_out_rows_only(built, isa):
+    if isa not in built:
+        pytest.skip(f"this CPU cannot run the {isa} path")
+    x = torch.randn(3, 64).bfloat16()
+    w = torch.randn(24, 64).bfloat16()
+    buf = torch.full((3, 40), 7.0, dtype=torch.bfloat16)
+    built[isa].mm(x, w, out=buf[:, 8:32])
+    assert _bf16_ulps(buf[:, 8:32], F.linear(x, w)).max() <= 2
+    assert (buf[:, :8] == 7).all() and (buf[:, 32:] == 7).all()
+
+
+@pytest.mark.parametrize("isa", list(PATHS))
+def test_kernel_propagates_inf_and_nan(built, isa):
+    if isa not in built:
+        pytest.skip(f"this CPU cannot run the {isa} path")
+    x = torch.ones(2, 40).bfloat16()
+    x[0, 3] = float("inf")
+    x[1, 5] = float("nan")
+    w = torch.ones(3, 40).bfloat16()
+    y = built[isa].mm(x, w)
+    assert torch.isinf(y[0]).all() and torch.isnan(y[1]).all()
+
+
+def test_build_is_cached_and_atomic(tmp_path):
+    if cpu._compiler() is None:
+        pytest.skip("no C compiler")
+    lib = cpu.build(tmp_path)
+    mtime = lib.stat().st_mtime_ns
+    assert cpu.build(tmp_path) == lib and lib.stat().st_mtime_ns == mtime  # reused, not rebuilt
+    assert [p.name for p in tmp_path.iterdir()] == [lib.name]  # no temporary file left behind
+
+
+def test_broken_compiler_is_a_clear_error_and_pytorch_is_used(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", "false")
+    monkeypatch.setattr(cpu.shutil, "which", lambda name: "/bin/false" if name == "false" else None)
+    with pytest.raises(RuntimeError, match="does not run|failed"):
+        cpu.build(tmp_path)
+    # The same through the loader: no kernel, and bf16 decode falls back to PyTorch.
+    code = ("import torch; from moecoder.kernels import cpu; from moecoder.model.linear import linear;"
+            "assert cpu.kernel() is None;"
+            "x, w = torch.randn(1, 8).bfloat16(), torch.randn(4, 8).bfloat16();"
+            "torch.set_grad_enabled(False); print(linear(x, w).dtype)")
+    env = {**os.environ, "CC": str(tmp_path / "no-such-cc"), "MOECODER_CACHE": str(tmp_path / "cache"),
+           "PATH": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "torch.bfloat16"
+
+
+def test_disabled_by_environment(tmp_path):
+    code = "from moecoder.kernels import cpu; print(cpu.kernel())"
+    env = {**os.environ, "MOECODER_CPU_KERNELS": "0", "MOECODER_CACHE": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0 and r.stdout.strip() == "None", r.stderr
+    assert not any(tmp_path.iterdir())  # nothing was built
+
+
+def test_bf16_decode_uses_the_kernel_and_matches_pytorch(monkeypatch):
+    """Decode steps of 1, 3 and 8 rows through the kernel (attention, experts, LM head) against the same
+    steps with the kernel switched off: the logits agree to bf16 rounding."""
+    if cpu.kernel() is None:
+        if cpu._compiler() is not None and _cpu_has("avx512_bf16"):
+            pytest.fail("a C compiler and AVX512_BF16 are here, but the kernel was not taken into use")
+        pytest.skip("the kernel is not in use on this machine (no compiler, or not faster than PyTorch here)")
+    cfg = get_preset("debug").replace(vocab_size=512)
+    model = Transformer(cfg)
+    model.init_weights(seed=0)
+    model = model.to(torch.bfloat16).eval()
+    calls = []
+    k = cpu.kernel()
+    real_mm = k.mm
+    monkeypatch.setattr(k, "mm", lambda *a, **kw: (calls.append(a[0].shape[0]), real_mm(*a, **kw))[1])
+    tokens = torch.randint(0, cfg.vocab_size, (8, 13), generator=torch.Generator().manual_seed(1))
+
+    def decode_step(rows: int) -> torch.Tensor:
+        cache = KVCache(cfg, rows, 32, torch.bfloat16)
+        with torch.inference_mode():
+            model(tokens[:rows, :12], cache=cache)
+            calls.clear()
+            return model(tokens[:rows, 12:], cache=cache).logits.float()
+
+    for rows in (1, 3, 8):
+        got = decode_step(rows)
+        assert len(calls) >= 4 * cfg.n_layers + 1, calls  # q/k/v/o per layer, experts, LM head
+        with monkeypatch.context() as mp:
+            mp.setattr(cpu, "usable", lambda *a, **kw: False)
+            want = decode_step(rows)
+            assert not calls
+        assert torch.allclose(got, want, rtol=0.02, atol=0.02), (got - want).abs().max()
