@@ -78,7 +78,7 @@ def build(out_dir: Path | None = None, march: str = "native") -> Path:
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".gemm_bf16-", suffix=".so")
     os.close(fd)
     try:
-        cmd = [cc, "-O3", f"-march={march}", "-shared", "-fPIC", "-o", tmp, str(SOURCE)]
+        cmd = [cc, "-O3", f"-march={march}", "-shared", "-fPIC", "-o", tmp, str(SOURCE), "-lm"]
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
         except (OSError, subprocess.SubprocessError) as e:
@@ -103,6 +103,9 @@ class Kernel:
         self.lib.mc_gemm_bf16_isa.restype = ctypes.c_char_p
         self.isa = self.lib.mc_gemm_bf16_isa().decode()
         self._fn = self.lib.mc_gemm_bf16
+        self.lib.mc_moe_swiglu_bf16.argtypes = [p, i64, p, p, p, p, p, i64, i64, i64, i64, i64, p]
+        self.lib.mc_moe_swiglu_bf16.restype = None
+        self._moe = self.lib.mc_moe_swiglu_bf16
 
     def mm(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
            out: torch.Tensor | None = None) -> torch.Tensor:
@@ -113,6 +116,23 @@ class Kernel:
             out = torch.empty(M, N, dtype=torch.bfloat16)
         self._fn(x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0), None if bias is None else bias.data_ptr(),
                  out.data_ptr(), out.stride(0), M, N, K)
+        return out
+
+
+    def moe_swiglu(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, ids: torch.Tensor,
+                   weights: torch.Tensor) -> torch.Tensor:
+        """Few tokens' routed SwiGLU experts in one call (see mc_moe_swiglu_bf16): x [N, C] bf16,
+        w13 [E, 2F, C], w2 [E, C, F] contiguous, ids [N, K], weights [N, K] -> [N, C] bf16."""
+        N, C = x.shape
+        K, Fh = ids.shape[1], w2.shape[2]
+        if not (w13.is_contiguous() and w2.is_contiguous()) or x.stride(-1) != 1:
+            raise ValueError("moe_swiglu needs contiguous expert weights and x rows")
+        ids = ids.to(torch.int64).contiguous()
+        wts = weights.to(torch.bfloat16).contiguous()
+        out = torch.empty(N, C, dtype=torch.bfloat16)
+        scratch = torch.empty(3 * Fh + C, dtype=torch.bfloat16)
+        self._moe(x.data_ptr(), x.stride(0), w13.data_ptr(), w2.data_ptr(), ids.data_ptr(), wts.data_ptr(),
+                  out.data_ptr(), C, N, K, C, Fh, scratch.data_ptr())
         return out
 
 
@@ -229,9 +249,11 @@ def _(x, w, bias=None):
 def bf16_moe_swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, ids: torch.Tensor,
                     weights: torch.Tensor) -> torch.Tensor:
     """sum_k weights[n, k] * w2[e] @ (silu(gate) * up), gate|up = w13[e] @ x[n], e = ids[n, k]: a few
-    tokens' routed experts, read in place (no gathered weight copies), each product by the kernel."""
+    tokens' routed experts, read in place (no gathered weight copies), in one kernel call."""
     k = READY or kernel()
-    mm = k.mm if k is not None else (lambda a, b: F.linear(a, b))
+    if k is not None:
+        return k.moe_swiglu(x, w13, w2, ids, weights)
+    mm = F.linear
     out = torch.empty_like(x)
     Fh = w2.shape[2]
     for n, (es, ws) in enumerate(zip(ids.tolist(), weights.to(x.dtype).tolist())):

@@ -14,6 +14,7 @@
  * Built at first use by moecoder.kernels (cpu.py) with the system C compiler (-O3 -march=native)
  * and called through ctypes; strides are in elements and the innermost dimension is contiguous.
  */
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -149,6 +150,36 @@ void mc_gemm_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w, int64_t ldw
             pass(xm, ldx, w, ldw, bias, ym, ldy, 2, N, K, 2, 8);
         else
             pass(xm, ldx, w, ldw, bias, ym, ldy, mb, N, K, 4, 4);
+    }
+}
+
+static inline uint16_t bf16_mul(uint16_t a, uint16_t b) { return f32_to_bf16(bf16_to_f32(a) * bf16_to_f32(b)); }
+
+/* A few tokens' routed SwiGLU experts, read in place, in one call (a decode step's MoE layer):
+ *   out[n] = sum_k wts[n, k] * (w2[e] @ (silu(gate) * up)),  gate | up = w13[e] @ x[n],  e = ids[n, k]
+ * with the bf16 roundings of the PyTorch ops it replaces: each product, silu, silu * up, the
+ * weighting and each partial sum are rounded to bf16. w13 [E, 2F, C] (gate rows, then up rows),
+ * w2 [E, C, F], wts bf16 [N, K]; scratch holds 3F + C bf16 values. */
+void mc_moe_swiglu_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w13, const uint16_t *w2, const int64_t *ids,
+                        const uint16_t *wts, uint16_t *out, int64_t ldo, int64_t N, int64_t K, int64_t C, int64_t F,
+                        uint16_t *scratch) {
+    uint16_t *h = scratch, *a = scratch + 2 * F, *y = scratch + 3 * F;
+    for (int64_t n = 0; n < N; n++) {
+        uint16_t *o = out + n * ldo;
+        for (int64_t k = 0; k < K; k++) {
+            int64_t e = ids[n * K + k];
+            mc_gemm_bf16(x + n * ldx, ldx, w13 + e * 2 * F * C, C, NULL, h, 2 * F, 1, 2 * F, C);
+            for (int64_t f = 0; f < F; f++) {
+                float g = bf16_to_f32(h[f]);
+                a[f] = bf16_mul(f32_to_bf16(g / (1.0f + expf(-g))), h[F + f]);
+            }
+            mc_gemm_bf16(a, F, w2 + e * C * F, F, NULL, y, C, 1, C, F);
+            uint16_t wt = wts[n * K + k];
+            for (int64_t c = 0; c < C; c++) {
+                uint16_t v = bf16_mul(y[c], wt);
+                o[c] = k == 0 ? v : f32_to_bf16(bf16_to_f32(o[c]) + bf16_to_f32(v));
+            }
+        }
     }
 }
 

@@ -184,6 +184,9 @@ class MoE(nn.Module):
                     and self.experts.w13.dtype == torch.bfloat16:
                 return torch.ops.moecoder.bf16_moe_swiglu(x_NC, self.experts.w13, self.experts.w2, ids_NK, weights_NK)
             return self._gathered_path(x_NC, weights_NK, ids_NK)
+        if cpu_kernels.usable(x_NC, self.experts.w13, 1) and self.experts.w13.is_contiguous() \
+                and self.experts.w2.is_contiguous() and self.experts.w2.dtype == torch.bfloat16:
+            return cpu_kernels.kernel().moe_swiglu(x_NC, self.experts.w13, self.experts.w2, ids_NK, weights_NK)
         # One host read of the ids and weights (Python floats hold the x-dtype weights exactly).
         ids, ws = ids_NK.tolist(), weights_NK.to(x_NC.dtype).tolist()
         rows = []
