@@ -153,7 +153,8 @@ def test_bf16_decode_uses_the_kernel_and_matches_pytorch(monkeypatch):
     if cpu._compiler() is None:
         pytest.skip("no C compiler: the kernel is optional and PyTorch is used")
     # In use whatever the timing-based choice (kernels/cpu.py) decided on this (possibly loaded) machine.
-    monkeypatch.setattr(cpu, "_load", lambda threads, k=cpu.Kernel(cpu.build()): k)
+    built_kernel = cpu.Kernel(cpu.build())
+    monkeypatch.setattr(cpu, "_load", lambda threads: built_kernel)
     cfg = get_preset("debug").replace(vocab_size=512)
     model = Transformer(cfg)
     model.init_weights(seed=0)
