@@ -153,6 +153,18 @@ def _agrees_with_torch(k: Kernel) -> bool:
     return True
 
 
+def median_time(fn, repeats: int) -> float:
+    """Median wall time of `repeats` calls of fn after one warm-up call (for the kernel choices here
+    and in model/linear.py, made once per process)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def _faster_than_torch(k: Kernel) -> bool:
     """A decode-shaped product (one row, a 4096 x 1024 bf16 weight; median of 7) at this process's
     thread count: the kernel must win by 15%."""
@@ -160,17 +172,8 @@ def _faster_than_torch(k: Kernel) -> bool:
     x = torch.randn(1, 1024, generator=g).bfloat16()
     w = torch.randn(4096, 1024, generator=g).bfloat16()
 
-    def median_time(fn) -> float:
-        fn()
-        times = []
-        for _ in range(7):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
-
     with torch.inference_mode():
-        return median_time(lambda: k.mm(x, w)) < 0.85 * median_time(lambda: F.linear(x, w))
+        return median_time(lambda: k.mm(x, w), 7) < 0.85 * median_time(lambda: F.linear(x, w), 7)
 
 
 @functools.cache

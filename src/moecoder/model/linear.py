@@ -15,8 +15,6 @@ no autocast): training numerics and memory stay exactly as they were.
 from __future__ import annotations
 
 import functools
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -35,18 +33,9 @@ def _fp32_product_is_faster(dtype: torch.dtype) -> bool:
     x = torch.randn(256, 512, generator=g).to(dtype)
     w = torch.randn(1024, 512, generator=g).to(dtype)
 
-    def median_time(fn) -> float:
-        fn()
-        times = []
-        for _ in range(5):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
-
     with torch.inference_mode():
-        native = median_time(lambda: F.linear(x, w))
-        detour = median_time(lambda: F.linear(x.float(), w.float()).to(dtype))
+        native = cpu_kernels.median_time(lambda: F.linear(x, w), 5)
+        detour = cpu_kernels.median_time(lambda: F.linear(x.float(), w.float()).to(dtype), 5)
     return detour < 0.85 * native
 
 
