@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from moecoder.kernels.cpu import median_time  # noqa: F401  (re-exported for the benchmark scripts)
+
 
 def build_reference(dtype: torch.dtype, seed: int = 0):
     """Return (hf_model, moecoder_model, ckpt_dir) sharing identical weights, in eval mode."""
@@ -67,16 +69,6 @@ def copy_bandwidth(n_bytes: int = 512 * 2**20, repeats: int = 10, device: str = 
 def _sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def threads_note() -> str:
