@@ -246,3 +246,17 @@ def test_compiled_bf16_decode_step_calls_the_kernel_as_opaque_ops(monkeypatch):
             logits = [decode_one_token(model, tok, caches[0]), traced]
             assert torch.allclose(logits[1].float(), logits[0].float(), rtol=0.02, atol=0.02), f"step {i}"
     torch._dynamo.reset()
+
+
+def test_mismatched_shapes_and_expert_ids_are_errors_not_reads_out_of_bounds(built):
+    k = next(iter(built.values()))
+    with pytest.raises(ValueError, match="shapes do not match"):
+        k.mm(torch.ones(2, 8).bfloat16(), torch.ones(4, 9).bfloat16())
+    x = torch.ones(2, 8).bfloat16()
+    w13, w2 = torch.ones(3, 12, 8).bfloat16(), torch.ones(3, 8, 6).bfloat16()
+    weights = torch.full((2, 2), 0.5)
+    with pytest.raises(ValueError, match="outside 0..2"):
+        k.moe_swiglu(x, w13, w2, torch.tensor([[0, 1], [2, 3]]), weights)
+    with pytest.raises(ValueError, match="shapes do not match"):
+        k.moe_swiglu(x, w13, torch.ones(3, 8, 5).bfloat16(), torch.tensor([[0, 1], [1, 2]]), weights)
+    assert k.moe_swiglu(x, w13, w2, torch.tensor([[0, 1], [1, 2]]), weights).shape == (2, 8)

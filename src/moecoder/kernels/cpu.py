@@ -103,8 +103,8 @@ class Kernel:
         self.lib.mc_gemm_bf16_isa.restype = ctypes.c_char_p
         self.isa = self.lib.mc_gemm_bf16_isa().decode()
         self._fn = self.lib.mc_gemm_bf16
-        self.lib.mc_moe_swiglu_bf16.argtypes = [p, i64, p, p, p, p, p, i64, i64, i64, i64, i64, p]
-        self.lib.mc_moe_swiglu_bf16.restype = None
+        self.lib.mc_moe_swiglu_bf16.argtypes = [p, i64, p, p, p, p, p, i64, i64, i64, i64, i64, i64, p]
+        self.lib.mc_moe_swiglu_bf16.restype = ctypes.c_int
         self._moe = self.lib.mc_moe_swiglu_bf16
 
     def mm(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
@@ -112,6 +112,8 @@ class Kernel:
         """x @ w.T (+ bias) in bf16, into `out` when given (rows may be strided, columns contiguous)."""
         M, K = x.shape
         N = w.shape[0]
+        if w.shape[1] != K or (bias is not None and bias.shape != (N,)):
+            raise ValueError(f"bf16 product shapes do not match: x {tuple(x.shape)}, w {tuple(w.shape)}")
         if out is None:
             out = torch.empty(M, N, dtype=torch.bfloat16)
         self._fn(x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0), None if bias is None else bias.data_ptr(),
@@ -125,14 +127,19 @@ class Kernel:
         w13 [E, 2F, C], w2 [E, C, F] contiguous, ids [N, K], weights [N, K] -> [N, C] bf16."""
         N, C = x.shape
         K, Fh = ids.shape[1], w2.shape[2]
+        E = w13.shape[0]
         if not (w13.is_contiguous() and w2.is_contiguous()) or x.stride(-1) != 1:
             raise ValueError("moe_swiglu needs contiguous expert weights and x rows")
+        if w13.shape != (E, 2 * Fh, C) or w2.shape != (E, C, Fh) or ids.shape != (N, K) or weights.shape != (N, K):
+            raise ValueError(f"moe_swiglu shapes do not match: x {tuple(x.shape)}, w13 {tuple(w13.shape)}, "
+                             f"w2 {tuple(w2.shape)}, ids {tuple(ids.shape)}, weights {tuple(weights.shape)}")
         ids = ids.to(torch.int64).contiguous()
         wts = weights.to(torch.bfloat16).contiguous()
         out = torch.empty(N, C, dtype=torch.bfloat16)
         scratch = torch.empty(3 * Fh + C, dtype=torch.bfloat16)
-        self._moe(x.data_ptr(), x.stride(0), w13.data_ptr(), w2.data_ptr(), ids.data_ptr(), wts.data_ptr(),
-                  out.data_ptr(), C, N, K, C, Fh, scratch.data_ptr())
+        if self._moe(x.data_ptr(), x.stride(0), w13.data_ptr(), w2.data_ptr(), ids.data_ptr(), wts.data_ptr(),
+                     out.data_ptr(), C, N, K, C, Fh, E, scratch.data_ptr()):
+            raise ValueError(f"moe_swiglu: an expert id is outside 0..{E - 1}")
         return out
 
 

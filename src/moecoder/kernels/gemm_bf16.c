@@ -159,11 +159,14 @@ static inline uint16_t bf16_mul(uint16_t a, uint16_t b) { return f32_to_bf16(bf1
  *   out[n] = sum_k wts[n, k] * (w2[e] @ (silu(gate) * up)),  gate | up = w13[e] @ x[n],  e = ids[n, k]
  * with the bf16 roundings of the PyTorch ops it replaces: each product, silu, silu * up, the
  * weighting and each partial sum are rounded to bf16. w13 [E, 2F, C] (gate rows, then up rows),
- * w2 [E, C, F], wts bf16 [N, K]; scratch holds 3F + C bf16 values. */
-void mc_moe_swiglu_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w13, const uint16_t *w2, const int64_t *ids,
-                        const uint16_t *wts, uint16_t *out, int64_t ldo, int64_t N, int64_t K, int64_t C, int64_t F,
-                        uint16_t *scratch) {
+ * w2 [E, C, F], wts bf16 [N, K]; scratch holds 3F + C bf16 values. Returns -1 (and computes nothing) if
+ * an expert id is outside 0..E-1, else 0. */
+int mc_moe_swiglu_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w13, const uint16_t *w2, const int64_t *ids,
+                       const uint16_t *wts, uint16_t *out, int64_t ldo, int64_t N, int64_t K, int64_t C, int64_t F,
+                       int64_t E, uint16_t *scratch) {
     uint16_t *h = scratch, *a = scratch + 2 * F, *y = scratch + 3 * F;
+    for (int64_t i = 0; i < N * K; i++)
+        if (ids[i] < 0 || ids[i] >= E) return -1; /* an expert id out of range: nothing is read */
     for (int64_t n = 0; n < N; n++) {
         uint16_t *o = out + n * ldo;
         for (int64_t k = 0; k < K; k++) {
@@ -181,6 +184,7 @@ void mc_moe_swiglu_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w13, con
             }
         }
     }
+    return 0;
 }
 
 /* Which code path this build took (for logs and tests). */
