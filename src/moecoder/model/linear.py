@@ -66,7 +66,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return cpu_kernels.kernel().mm(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
     if weight.dtype == x.dtype and use_fp32_product(x, rows):
         return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
-    if (torch.compiler.is_compiling() and cpu_kernels.READY is not None and x.dtype == torch.bfloat16
+    if (torch.compiler.is_compiling() and cpu_kernels.READY is not None and not torch.is_grad_enabled()
+            and x.dtype == torch.bfloat16
             and weight.dtype == torch.bfloat16 and rows <= cpu_kernels.MAX_ROWS and x.device.type == "cpu"):
         # A compiled decode step: the kernel as an opaque op (see kernels/cpu.py).
         y = torch.ops.moecoder.bf16_mm(x.reshape(rows, x.shape[-1]), weight, bias)

@@ -180,7 +180,8 @@ class MoE(nn.Module):
     def _decode_path(self, x_NC, weights_NK, ids_NK) -> torch.Tensor:
         """Few tokens (decode): loop over each token's experts on weight views, no sort or copies."""
         if torch.compiler.is_compiling():
-            if cpu_kernels.READY is not None and x_NC.dtype == torch.bfloat16 and x_NC.device.type == "cpu" \
+            if cpu_kernels.READY is not None and not torch.is_grad_enabled() and x_NC.dtype == torch.bfloat16 \
+                    and x_NC.device.type == "cpu" \
                     and self.experts.w13.dtype == torch.bfloat16:
                 return torch.ops.moecoder.bf16_moe_swiglu(x_NC, self.experts.w13, self.experts.w2, ids_NK, weights_NK)
             return self._gathered_path(x_NC, weights_NK, ids_NK)
