@@ -1,5 +1,6 @@
-"""The few-row bf16 CPU kernel (kernels/gemm_bf16.c): each of its three code paths against PyTorch,
-the build cache, the fallbacks, and that bf16 decode uses it and still matches PyTorch's products."""
+"""The few-row CPU kernels (kernels/few_rows.c): bf16 and fp32 products and the fused routed experts,
+each of the three code paths against PyTorch; the build cache, the fallbacks and the per-dtype choice;
+and that decode uses them and still matches PyTorch."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from moecoder.model import KVCache, Transformer
 
 # -march for each path: VDPBF16PS (AVX512_BF16), widen + FMA (AVX-512F), portable C.
 PATHS = {"avx512_bf16": "sapphirerapids", "avx512f": "skylake-avx512", "portable": "x86-64"}
-SHAPES = [(1, 1, 1), (1, 17, 33), (2, 9, 64), (3, 5, 100), (4, 20, 7), (5, 33, 130), (7, 16, 31), (16, 40, 256),
-          (1, 300, 512)]
+SHAPES = [(1, 1, 1), (1, 17, 33), (2, 9, 64), (3, 5, 100), (4, 20, 7), (5, 33, 130), (7, 16, 31), (8, 3, 70),
+          (11, 19, 129), (16, 40, 256), (1, 300, 512)]
 
 
 def _cpu_has(flag: str) -> bool:
@@ -72,6 +73,26 @@ def test_kernel_matches_torch_bf16_product(built, isa, M, N, K):
         # Both accumulate exact products in fp32 and round once; only the summation order differs.
         assert torch.allclose(got.double(), ref, rtol=2**-7, atol=2e-6 * K), (got - ref).abs().max()
         assert _bf16_ulps(got, want).max() <= 2
+
+
+@pytest.mark.parametrize("isa", list(PATHS))
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_kernel_matches_torch_fp32_product(built, isa, M, N, K):
+    if isa not in built:
+        pytest.skip(f"this CPU cannot run the {isa} path")
+    k = built[isa]
+    g = torch.Generator().manual_seed(M * 1000 + N * 10 + K)
+    x = torch.randn(M, K + 5, generator=g)[:, :K]  # strided rows
+    w = torch.randn(N, K, generator=g)
+    b = torch.randn(N, generator=g)
+    exact = x.double() @ w.double().t()
+    for bias in (None, b):
+        got = k.mm(x, w, bias)
+        ref = exact + (0 if bias is None else bias.double())
+        assert got.dtype == torch.float32 and got.shape == (M, N)
+        # fp32 sums in another order: within a few fp32 roundings of a sum of K terms of size ~1.
+        assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-6 * K), (got - ref).abs().max()
+        assert torch.allclose(got, F.linear(x, w, bias), rtol=1e-5, atol=1e-6 * K)
 
 
 @pytest.mark.parametrize("isa", list(PATHS))
@@ -210,6 +231,104 @@ def test_fused_moe_swiglu_matches_the_pytorch_expert_loop(built, isa):
     assert exact > 0.8, f"only {exact:.0%} of the outputs equal PyTorch's bit for bit"
 
 
+def _routing(N: int, E: int, K: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)])
+    return ids, torch.rand(N, K, generator=g).softmax(-1)
+
+
+@pytest.mark.parametrize("isa", list(PATHS))
+@pytest.mark.parametrize("N,E,K", [(1, 4, 2), (8, 8, 2), (16, 3, 2), (5, 6, 3), (13, 2, 1)])
+def test_fused_moe_fp32_matches_pytorch_per_expert(built, isa, N, E, K):
+    """Tokens grouped by expert in C (an expert chosen by up to 16 tokens: 8-row weight passes and a
+    tail) against each expert run by PyTorch on the tokens that chose it; x rows strided."""
+    if isa not in built:
+        pytest.skip(f"this CPU cannot run the {isa} path")
+    g = torch.Generator().manual_seed(N * 100 + E)
+    C, Fh = 72, 40
+    x = torch.randn(N, C + 8, generator=g)[:, :C]
+    w13 = torch.randn(E, 2 * Fh, C, generator=g) / C**0.5
+    w2 = torch.randn(E, C, Fh, generator=g) / Fh**0.5
+    ids, weights = _routing(N, E, K, seed=N + E)
+    got = built[isa].moe_swiglu(x, w13, w2, ids, weights)
+    want = cpu.torch_moe_swiglu(x, w13, w2, ids, weights)
+    assert got.dtype == torch.float32 and got.shape == (N, C)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("isa", list(PATHS))
+def test_fused_moe_bf16_groups_like_the_sorted_dispatch(built, isa):
+    """16 tokens on 3 experts in bf16: the same roundings as PyTorch's per-expert ops and index_add in
+    expert order, so only the products' summation order and exp() differ."""
+    if isa not in built:
+        pytest.skip(f"this CPU cannot run the {isa} path")
+    g = torch.Generator().manual_seed(5)
+    N, E, C, Fh = 16, 3, 64, 48
+    x = torch.randn(N, C, generator=g).bfloat16()
+    w13 = (torch.randn(E, 2 * Fh, C, generator=g) / C**0.5).bfloat16()
+    w2 = (torch.randn(E, C, Fh, generator=g) / Fh**0.5).bfloat16()
+    ids, weights = _routing(N, E, 2, seed=6)
+    got = built[isa].moe_swiglu(x, w13, w2, ids, weights)
+    want = cpu.torch_moe_swiglu(x, w13, w2, ids, weights)
+    assert torch.allclose(got.float(), want.float(), rtol=2**-6, atol=2e-3), (got.float() - want.float()).abs().max()
+    assert (got == want).float().mean().item() > 0.8
+
+
+def test_product_choice_is_per_dtype_and_row_count(built, monkeypatch):
+    """`mm_min_rows` (measured at load) decides: fp32 from 3 rows, bf16 from 1, none for a dtype it lacks."""
+    k = next(iter(built.values()))
+    monkeypatch.setattr(cpu, "_load", lambda threads: k)
+    monkeypatch.setattr(k, "mm_min_rows", {torch.float32: 3})
+    w = torch.randn(8, 16)
+    with torch.inference_mode():
+        assert [cpu.usable(torch.randn(r, 16), w, r) for r in (1, 2, 3, 16, 17)] == [False, False, True, True, False]
+        assert not cpu.usable(torch.randn(4, 16).bfloat16(), w.bfloat16(), 4)
+    assert cpu.usable(torch.randn(4, 16), w, 4) is False  # autograd on: training never goes to the kernel
+    monkeypatch.setattr(k, "fast_moe", frozenset({torch.float32}))
+    w13, w2 = torch.randn(2, 8, 16), torch.randn(2, 16, 4)
+    with torch.inference_mode():
+        assert cpu.moe_usable(torch.randn(16, 16), w13, w2) and not cpu.moe_usable(torch.randn(17, 16), w13, w2)
+        assert not cpu.moe_usable(torch.randn(4, 16).bfloat16(), w13.bfloat16(), w2.bfloat16())
+        assert not cpu.moe_usable(torch.randn(4, 16), w13.transpose(1, 2).contiguous().transpose(1, 2), w2)
+
+
+def test_fp32_decode_steps_use_the_fused_experts_and_match_pytorch(monkeypatch):
+    """fp32 decode steps of 1, 3, 8 and 16 rows: every MoE layer is one fused call, products of 3-16
+    rows go to the kernel, and the logits equal the steps with the kernels off to fp32 rounding."""
+    if cpu._compiler() is None:
+        pytest.skip("no C compiler: the kernel is optional and PyTorch is used")
+    k = cpu.Kernel(cpu.build())
+    k.mm_min_rows = {torch.float32: 3, torch.bfloat16: 1}
+    monkeypatch.setattr(cpu, "_load", lambda threads: k)
+    calls = []
+    real_mm, real_moe = k.mm, k.moe_swiglu
+    monkeypatch.setattr(k, "mm", lambda *a, **kw: (calls.append("mm"), real_mm(*a, **kw))[1])
+    monkeypatch.setattr(k, "moe_swiglu", lambda *a, **kw: (calls.append("moe"), real_moe(*a, **kw))[1])
+    cfg = get_preset("debug").replace(vocab_size=512)
+    model = Transformer(cfg)
+    model.init_weights(seed=0)
+    model.eval()
+    tokens = torch.randint(0, cfg.vocab_size, (16, 13), generator=torch.Generator().manual_seed(1))
+
+    def decode_step(rows: int) -> torch.Tensor:
+        cache = KVCache(cfg, rows, 32, torch.float32)
+        with torch.inference_mode():
+            model(tokens[:rows, :12], cache=cache)
+            calls.clear()
+            return model(tokens[:rows, 12:], cache=cache).logits
+
+    for rows in (1, 3, 8, 16):
+        got = decode_step(rows)
+        assert calls.count("moe") == cfg.n_layers, calls
+        # q, k, v, o and the router per layer, and the LM head
+        assert calls.count("mm") == (0 if rows < 3 else 5 * cfg.n_layers + 1), calls
+        with monkeypatch.context() as mp:
+            mp.setattr(cpu, "kernel", lambda: None)
+            want = decode_step(rows)
+            assert not calls
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (got - want).abs().max()
+
+
 def test_compiled_bf16_decode_step_calls_the_kernel_as_opaque_ops(monkeypatch):
     """Traced (fullgraph, so any graph break fails) bf16 decode with the kernel as custom ops equals
     the eager step with the kernel, for two rows at different positions."""
@@ -259,4 +378,10 @@ def test_mismatched_shapes_and_expert_ids_are_errors_not_reads_out_of_bounds(bui
         k.moe_swiglu(x, w13, w2, torch.tensor([[0, 1], [2, 3]]), weights)
     with pytest.raises(ValueError, match="shapes do not match"):
         k.moe_swiglu(x, w13, torch.ones(3, 8, 5).bfloat16(), torch.tensor([[0, 1], [1, 2]]), weights)
+    with pytest.raises(ValueError, match="dtypes"):
+        k.moe_swiglu(x.float(), w13, w2, torch.tensor([[0, 1], [1, 2]]), weights)
+    with pytest.raises(ValueError, match="dtypes"):
+        k.mm(torch.ones(2, 8), torch.ones(4, 8).bfloat16())
+    with pytest.raises(ValueError, match="dtypes"):
+        k.mm(torch.ones(2, 8).half(), torch.ones(4, 8).half())
     assert k.moe_swiglu(x, w13, w2, torch.tensor([[0, 1], [1, 2]]), weights).shape == (2, 8)

@@ -200,7 +200,9 @@ def test_cached_decode_equals_full_forward(kw):
         outs.append(m(tokens[:, 6:9], cache=cache).logits)  # a multi-token step onto a filled cache
         for i in range(9, 14):
             outs.append(m(tokens[:, i : i + 1], cache=cache).logits)
-    assert _max_delta(torch.cat(outs, 1), full) <= 1e-5
+    # fp32 summation order only (the steps' products and experts run in other kernels): logits reach ~7
+    # here, where 2e-5 is ~40 fp32 ulps; a wrong cache or mask moves them by O(1).
+    assert _max_delta(torch.cat(outs, 1), full) <= 2e-5
 
 
 def test_rows_at_different_positions_and_compiled_step():

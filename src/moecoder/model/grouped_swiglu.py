@@ -38,7 +38,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
         # Elementwise work per segment, right after the matmul that wrote it: the segment is still in cache.
         for e, lo, hi in _segments(counts_E):
             if hi > lo:
-                if kernel is not None and hi - lo <= cpu_kernels.MAX_ROWS:  # few-row bf16 inference (kernels/cpu.py)
+                if kernel is not None and kernel.takes(x_MC.dtype, hi - lo):  # few-row inference (kernels/cpu.py)
                     h = kernel.mm(x_MC[lo:hi], w13_EHC[e], out=h_MH[lo:hi])
                     a = torch.mul(F.silu(h[:, :Fh]), h[:, Fh:], out=a_MF[lo:hi])
                     kernel.mm(a, w2_ECF[e], out=y_MC[lo:hi])
@@ -104,5 +104,6 @@ def grouped_swiglu(x_MC: torch.Tensor, w13_EHC: torch.Tensor, w2_ECF: torch.Tens
             return _GroupedSwiGLU.apply(x_MC.to(cd), w13_EHC.to(cd), w2_ECF.to(cd), counts_E)
     # Decided here, outside the Function: inside its forward autograd is always off.
     fp32_products = w13_EHC.dtype == x_MC.dtype and use_fp32_product(x_MC, max(counts_E, default=0))
-    kernel = cpu_kernels.kernel() if cpu_kernels.usable(x_MC, w13_EHC, 1) and w2_ECF.stride(-1) == 1 else None
+    kernel = cpu_kernels.kernel() if cpu_kernels.usable(x_MC, w13_EHC, cpu_kernels.MAX_ROWS) \
+        and w2_ECF.dtype == x_MC.dtype and w2_ECF.stride(-1) == 1 else None
     return _GroupedSwiGLU.apply(x_MC, w13_EHC, w2_ECF, counts_E, fp32_products, kernel)

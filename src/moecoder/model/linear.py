@@ -56,18 +56,18 @@ def use_fp32_product(x: torch.Tensor, rows: int) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, with: few-row bf16 inference products on CPU by moecoder's C kernel where it is in use
+    """F.linear, with: few-row inference products on CPU by moecoder's C kernel where it is faster
     (kernels/cpu.py; an opaque custom op under torch.compile); the fp32 detour for many-row 16-bit
     products on CPUs where it is faster; and, without the kernel, 16-bit single-row products under
     torch.compile written as a multiply-and-sum (see below)."""
     rows = x.numel() // max(x.shape[-1], 1)
-    if cpu_kernels.usable(x, weight, rows):  # few-row bf16 inference: the C kernel streams bf16 weights faster
+    if cpu_kernels.usable(x, weight, rows) and (bias is None or bias.dtype == x.dtype):  # few-row inference
         x2 = x.reshape(rows, x.shape[-1])
         return cpu_kernels.kernel().mm(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
     if weight.dtype == x.dtype and use_fp32_product(x, rows):
         return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
     if (torch.compiler.is_compiling() and cpu_kernels.READY is not None and not torch.is_grad_enabled()
-            and x.dtype == torch.bfloat16
+            and cpu_kernels.READY.takes(torch.bfloat16, rows) and x.dtype == torch.bfloat16
             and weight.dtype == torch.bfloat16 and rows <= cpu_kernels.MAX_ROWS and x.device.type == "cpu"):
         # A compiled decode step: the kernel as an opaque op (see kernels/cpu.py).
         y = torch.ops.moecoder.bf16_mm(x.reshape(rows, x.shape[-1]), weight, bias)

@@ -155,7 +155,10 @@ class MoE(nn.Module):
         x_NC = x_BTC.reshape(-1, shape[-1])
         logits_NE, scores_NE, weights_NK, ids_NK = self.router(x_NC)
         stats = RouterStats(logits_NE, scores_NE, ids_NK, self.n_experts)
-        if x_NC.shape[0] * self.top_k <= self.top_k * 4:
+        if cpu_kernels.moe_usable(x_NC, self.experts.w13, self.experts.w2):
+            # A decode step's few tokens (<= 16) on CPU: every routed expert in one C call (kernels/cpu.py).
+            out_NC = cpu_kernels.kernel().moe_swiglu(x_NC, self.experts.w13, self.experts.w2, ids_NK, weights_NK)
+        elif x_NC.shape[0] <= 4:
             out_NC = self._decode_path(x_NC, weights_NK, ids_NK)
         else:
             out_NC = self._dispatch(x_NC, weights_NK, ids_NK, stats.tokens_per_expert)
@@ -180,14 +183,11 @@ class MoE(nn.Module):
     def _decode_path(self, x_NC, weights_NK, ids_NK) -> torch.Tensor:
         """Few tokens (decode): loop over each token's experts on weight views, no sort or copies."""
         if torch.compiler.is_compiling():
-            if cpu_kernels.READY is not None and not torch.is_grad_enabled() and x_NC.dtype == torch.bfloat16 \
-                    and x_NC.device.type == "cpu" \
+            if cpu_kernels.READY is not None and torch.bfloat16 in cpu_kernels.READY.fast_moe \
+                    and not torch.is_grad_enabled() and x_NC.dtype == torch.bfloat16 and x_NC.device.type == "cpu" \
                     and self.experts.w13.dtype == torch.bfloat16:
                 return torch.ops.moecoder.bf16_moe_swiglu(x_NC, self.experts.w13, self.experts.w2, ids_NK, weights_NK)
             return self._gathered_path(x_NC, weights_NK, ids_NK)
-        if cpu_kernels.usable(x_NC, self.experts.w13, 1) and self.experts.w13.is_contiguous() \
-                and self.experts.w2.is_contiguous() and self.experts.w2.dtype == torch.bfloat16:
-            return cpu_kernels.kernel().moe_swiglu(x_NC, self.experts.w13, self.experts.w2, ids_NK, weights_NK)
         # One host read of the ids and weights (Python floats hold the x-dtype weights exactly).
         ids, ws = ids_NK.tolist(), weights_NK.to(x_NC.dtype).tolist()
         rows = []
