@@ -105,20 +105,35 @@ class Attention(nn.Module):
         elif cfg.qk_norm == "full":
             self.q_norm, self.k_norm = RMSNorm(q_out, cfg.norm_eps), RMSNorm(kv_out, cfg.norm_eps)
 
-    def forward(self, x_BTC, step: AttentionStep, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x_BTC, step: AttentionStep, cache: KVCache | None = None,
+                query_at: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention output [B, T, C]; with `query_at` [B] (each row's one position whose output is
+        needed, e.g. the last layer of a prefill), keys and values are still made (and cached) for
+        all T tokens, but queries, attention and the output projection only for those: [B, 1, C]."""
         B, T, _ = x_BTC.shape
-        q, k, v = self.q_proj(x_BTC), self.k_proj(x_BTC), self.v_proj(x_BTC)
+        cos_q, sin_q, x_q = step.cos, step.sin, x_BTC
+        if query_at is not None:
+            rows = torch.arange(B, device=x_BTC.device)
+            cos_q, sin_q, x_q = step.cos[rows, query_at][:, None], step.sin[rows, query_at][:, None], \
+                x_BTC[rows, query_at][:, None]
+        Tq = x_q.shape[1]
+        q, k, v = self.q_proj(x_q), self.k_proj(x_BTC), self.v_proj(x_BTC)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
-        q_BHTD = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        q_BHTD = q.view(B, Tq, self.n_heads, self.head_dim).transpose(1, 2)
         k_BKTD = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v_BKTD = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if self.qk_norm == "head":
             q_BHTD, k_BKTD = self.q_norm(q_BHTD), self.k_norm(k_BKTD)
-        q_BHTD, k_BKTD = apply_rope(q_BHTD, step.cos, step.sin), apply_rope(k_BKTD, step.cos, step.sin)
+        q_BHTD, k_BKTD = apply_rope(q_BHTD, cos_q, sin_q), apply_rope(k_BKTD, step.cos, step.sin)
 
         keys, vals, mask = k_BKTD, v_BKTD, None
-        if cache is None:
+        if query_at is not None:
+            if cache is not None:
+                keys, vals = _cache_write(cache, self.layer, k_BKTD, v_BKTD, step)
+            key_pos = torch.arange(keys.shape[2], device=x_BTC.device)
+            mask = _mask(step.pos_BT[rows, query_at][:, None], key_pos, self.window)
+        elif cache is None:
             if self.window is not None:
                 mask = step.mask(self.window)
         else:
@@ -137,7 +152,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q_BHTD, keys, vals, is_causal=T > 1, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q_BHTD, keys, vals, attn_mask=mask[:, None], enable_gqa=gqa)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return self.o_proj(out.transpose(1, 2).reshape(B, Tq, self.n_heads * self.head_dim))
 
 
 def _cache_write(cache: KVCache, layer: int, k_BKTD, v_BKTD, step: AttentionStep):

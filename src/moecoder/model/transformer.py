@@ -50,8 +50,19 @@ class Block(nn.Module):
         self.is_moe = cfg.is_moe_layer(layer)
         self.ffn = MoE(cfg) if self.is_moe else FeedForward(cfg.dim, cfg.ffn_dim)
 
-    def forward(self, x, step: AttentionStep, cache: KVCache | None):
-        x = x + self.attn(self.input_norm(x), step, cache)
+    def forward(self, x, step: AttentionStep, cache: KVCache | None, out_at: torch.Tensor | None = None):
+        """x [B, T, C] -> [B, T, C]; with `out_at` [B] (one position per row) -> [B, 1, C], the block's
+        output at those positions only: keys and values are made (and cached) for every token, the rest
+        (queries, attention, FFN or experts) runs for one token per row."""
+        if out_at is None:
+            x = x + self.attn(self.input_norm(x), step, cache)
+        else:
+            rows = torch.arange(x.shape[0], device=x.device)
+            if isinstance(self.attn, Attention):
+                a = self.attn(self.input_norm(x), step, cache, query_at=out_at)
+            else:  # latent attention (mla.py) computes every row's output; keep the ones asked for
+                a = self.attn(self.input_norm(x), step, cache)[rows, out_at][:, None]
+            x = x[rows, out_at][:, None] + a
         h = self.post_attn_norm(x)
         if self.is_moe:
             y, stats = self.ffn(h)
@@ -87,7 +98,8 @@ class Transformer(nn.Module):
         Without a cache, positions are 0..T-1 (training, scoring). With a cache, row b's new
         tokens sit at cache.pos[b].. and the cache is advanced by T for every row; callers that
         right-pad rows set cache.pos themselves afterwards. `logits_at` [B] picks one position
-        per row to project to the vocabulary (saves the LM head on prefill).
+        per row to project to the vocabulary (saves the LM head on prefill, and the last layer's work
+        but its keys and values for the other positions; its router statistics then cover those alone).
 
         `targets_BT` (training, scoring; IGNORE_INDEX marks padding) skips the logits: the LM head
         and the cross-entropy run fused in token chunks (model/loss.py), the output's `ce_sum` is
@@ -102,13 +114,16 @@ class Transformer(nn.Module):
         # Cast the rotary tables once here, not in every layer (apply_rope casts to q's dtype anyway).
         step = AttentionStep(pos_BT, cos.to(x.dtype), sin.to(x.dtype), cache)
         stats = []
-        for layer in self.layers:
-            x, s = layer(x, step, cache)
+        # Only the positions in `logits_at` reach the LM head, so the last layer needs its output (not its
+        # keys and values) at those alone: it skips ~(T-1)/T of its work (a prefill's last layer).
+        last = len(self.layers) - 1 if logits_at is not None and targets_BT is None else -1
+        for i, layer in enumerate(self.layers):
+            x, s = layer(x, step, cache, out_at=logits_at) if i == last else layer(x, step, cache)
             if s is not None:
                 stats.append(s)
         if cache is not None:
             cache.pos[:B] += T
-        if logits_at is not None:
+        if logits_at is not None and last < 0:
             x = x[torch.arange(B, device=x.device), logits_at][:, None]
         h = self.norm(x)
         if targets_BT is not None:
