@@ -22,10 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _reference import build_reference  # noqa: E402
+from _reference import build_reference
 
-from moecoder.train.loop import StepOptions, train_step  # noqa: E402
-from moecoder.train.optim import build_optimizer  # noqa: E402
+from moecoder.train.loop import StepOptions, train_step
+from moecoder.train.optim import build_optimizer
 
 TARGET = 1.5
 

@@ -45,7 +45,7 @@ def _newest_checkpoint(run: Path) -> Path:
 def _eval_rows(eval_runs: list[Path]) -> str:
     if not eval_runs:
         return "Not evaluated yet.\n"
-    from moecoder.evals.report import load_summary, markdown_report  # noqa: PLC0415
+    from moecoder.evals.report import load_summary, markdown_report
 
     text = markdown_report([load_summary(d) for d in eval_runs], title="bundled model", review=True)
     return text.split("\n", 1)[1]  # drop the report's own title line

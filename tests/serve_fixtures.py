@@ -6,13 +6,13 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from typing import Self
 
 import torch
 
 from moecoder.config import get_preset
 from moecoder.model import Transformer
 from moecoder.tokenizer import Tokenizer, train_byte_bpe
-
 
 CORPUS = [
     "def add(a, b):\n    return a + b\n",
@@ -65,7 +65,7 @@ class ServerThread:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> ServerThread:
+    def __enter__(self) -> Self:
         self.thread.start()
         deadline = time.time() + 30
         while not self.server.started:

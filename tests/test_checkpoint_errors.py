@@ -16,8 +16,6 @@ from moecoder.config import get_preset
 from moecoder.model import Transformer
 
 
-
-
 def _cfg():
     # Mixtral renormalises top-k weights and has no dense layers (ffn_dim == expert size).
     return get_preset("debug").replace(norm_topk=True, ffn_dim=64)

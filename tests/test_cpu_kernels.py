@@ -55,44 +55,30 @@ def _bf16_ulps(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("isa", list(PATHS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("M,N,K", SHAPES)
-def test_kernel_matches_torch_bf16_product(built, isa, M, N, K):
+def test_kernel_matches_torch_product(built, isa, dtype, M, N, K):
     if isa not in built:
         pytest.skip(f"this CPU cannot run the {isa} path")
     k = built[isa]
     g = torch.Generator().manual_seed(M * 1000 + N * 10 + K)
-    x = torch.randn(M, K + 5, generator=g).bfloat16()[:, :K]  # strided rows
-    w = torch.randn(N, K, generator=g).bfloat16()
-    b = torch.randn(N, generator=g).bfloat16()
+    x = torch.randn(M, K + 5, generator=g).to(dtype)[:, :K]  # strided rows
+    w = torch.randn(N, K, generator=g).to(dtype)
+    b = torch.randn(N, generator=g).to(dtype)
     exact = x.double() @ w.double().t()
     for bias in (None, b):
         got = k.mm(x, w, bias)
         want = F.linear(x, w, bias)
         ref = exact + (0 if bias is None else bias.double())
-        assert got.dtype == torch.bfloat16 and got.shape == (M, N)
-        # Both accumulate exact products in fp32 and round once; only the summation order differs.
-        assert torch.allclose(got.double(), ref, rtol=2**-7, atol=2e-6 * K), (got - ref).abs().max()
-        assert _bf16_ulps(got, want).max() <= 2
-
-
-@pytest.mark.parametrize("isa", list(PATHS))
-@pytest.mark.parametrize("M,N,K", SHAPES)
-def test_kernel_matches_torch_fp32_product(built, isa, M, N, K):
-    if isa not in built:
-        pytest.skip(f"this CPU cannot run the {isa} path")
-    k = built[isa]
-    g = torch.Generator().manual_seed(M * 1000 + N * 10 + K)
-    x = torch.randn(M, K + 5, generator=g)[:, :K]  # strided rows
-    w = torch.randn(N, K, generator=g)
-    b = torch.randn(N, generator=g)
-    exact = x.double() @ w.double().t()
-    for bias in (None, b):
-        got = k.mm(x, w, bias)
-        ref = exact + (0 if bias is None else bias.double())
-        assert got.dtype == torch.float32 and got.shape == (M, N)
-        # fp32 sums in another order: within a few fp32 roundings of a sum of K terms of size ~1.
-        assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-6 * K), (got - ref).abs().max()
-        assert torch.allclose(got, F.linear(x, w, bias), rtol=1e-5, atol=1e-6 * K)
+        assert got.dtype == dtype and got.shape == (M, N)
+        if dtype == torch.bfloat16:
+            # Both accumulate exact products in fp32 and round once; only the summation order differs.
+            assert torch.allclose(got.double(), ref, rtol=2**-7, atol=2e-6 * K), (got - ref).abs().max()
+            assert _bf16_ulps(got, want).max() <= 2
+        else:
+            # fp32 sums in another order: within a few fp32 roundings of a sum of K terms of size ~1.
+            assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-6 * K), (got - ref).abs().max()
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-6 * K)
 
 
 @pytest.mark.parametrize("isa", list(PATHS))
@@ -168,39 +154,25 @@ def test_disabled_by_environment(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing was built
 
 
-def test_bf16_decode_uses_the_kernel_and_matches_pytorch(monkeypatch):
-    """Decode steps of 1, 3 and 8 rows through the kernel (attention, experts, LM head) against the same
-    steps with the kernel switched off: the logits agree to bf16 rounding."""
+def _counted_kernel(monkeypatch) -> tuple[cpu.Kernel, list[str]]:
+    """A freshly built kernel in use whatever the timing-based choice decided on this machine, whose
+    `mm` and `moe_swiglu` calls are recorded ("mm" / "moe")."""
     if cpu._compiler() is None:
         pytest.skip("no C compiler: the kernel is optional and PyTorch is used")
-    # In use whatever the timing-based choice (kernels/cpu.py) decided on this (possibly loaded) machine.
-    built_kernel = cpu.Kernel(cpu.build())
-    monkeypatch.setattr(cpu, "_load", lambda threads: built_kernel)
+    k = cpu.Kernel(cpu.build())
+    monkeypatch.setattr(cpu, "_load", lambda threads: k)
+    calls: list[str] = []
+    real_mm, real_moe = k.mm, k.moe_swiglu
+    monkeypatch.setattr(k, "mm", lambda *a, **kw: (calls.append("mm"), real_mm(*a, **kw))[1])
+    monkeypatch.setattr(k, "moe_swiglu", lambda *a, **kw: (calls.append("moe"), real_moe(*a, **kw))[1])
+    return k, calls
+
+
+def _debug_model(dtype: torch.dtype) -> tuple:
     cfg = get_preset("debug").replace(vocab_size=512)
     model = Transformer(cfg)
     model.init_weights(seed=0)
-    model = model.to(torch.bfloat16).eval()
-    calls = []
-    k = cpu.kernel()
-    real_mm = k.mm
-    monkeypatch.setattr(k, "mm", lambda *a, **kw: (calls.append(a[0].shape[0]), real_mm(*a, **kw))[1])
-    tokens = torch.randint(0, cfg.vocab_size, (8, 13), generator=torch.Generator().manual_seed(1))
-
-    def decode_step(rows: int) -> torch.Tensor:
-        cache = KVCache(cfg, rows, 32, torch.bfloat16)
-        with torch.inference_mode():
-            model(tokens[:rows, :12], cache=cache)
-            calls.clear()
-            return model(tokens[:rows, 12:], cache=cache).logits.float()
-
-    for rows in (1, 3, 8):
-        got = decode_step(rows)
-        assert len(calls) >= 4 * cfg.n_layers + 1, calls  # q/k/v/o per layer, experts, LM head
-        with monkeypatch.context() as mp:
-            mp.setattr(cpu, "usable", lambda *a, **kw: False)
-            want = decode_step(rows)
-            assert not calls
-        assert torch.allclose(got, want, rtol=0.02, atol=0.02), (got - want).abs().max()
+    return cfg, model.to(dtype).eval()
 
 
 @pytest.mark.parametrize("isa", list(PATHS))
@@ -292,41 +264,35 @@ def test_product_choice_is_per_dtype_and_row_count(built, monkeypatch):
         assert not cpu.moe_usable(torch.randn(4, 16), w13.transpose(1, 2).contiguous().transpose(1, 2), w2)
 
 
-def test_fp32_decode_steps_use_the_fused_experts_and_match_pytorch(monkeypatch):
-    """fp32 decode steps of 1, 3, 8 and 16 rows: every MoE layer is one fused call, products of 3-16
-    rows go to the kernel, and the logits equal the steps with the kernels off to fp32 rounding."""
-    if cpu._compiler() is None:
-        pytest.skip("no C compiler: the kernel is optional and PyTorch is used")
-    k = cpu.Kernel(cpu.build())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_decode_steps_use_the_kernels_and_match_pytorch(monkeypatch, dtype):
+    """Decode steps of 1, 3, 8 and 16 rows: every MoE layer is one fused experts call; the products
+    (attention, router, LM head) go to the kernel from the fewest rows it is used for (bf16: 1; fp32: 3,
+    where MKL's matrix-vector kernel is as fast); the logits equal the steps with the kernels off to
+    the dtype's rounding."""
+    k, calls = _counted_kernel(monkeypatch)
     k.mm_min_rows = {torch.float32: 3, torch.bfloat16: 1}
-    monkeypatch.setattr(cpu, "_load", lambda threads: k)
-    calls = []
-    real_mm, real_moe = k.mm, k.moe_swiglu
-    monkeypatch.setattr(k, "mm", lambda *a, **kw: (calls.append("mm"), real_mm(*a, **kw))[1])
-    monkeypatch.setattr(k, "moe_swiglu", lambda *a, **kw: (calls.append("moe"), real_moe(*a, **kw))[1])
-    cfg = get_preset("debug").replace(vocab_size=512)
-    model = Transformer(cfg)
-    model.init_weights(seed=0)
-    model.eval()
+    cfg, model = _debug_model(dtype)
     tokens = torch.randint(0, cfg.vocab_size, (16, 13), generator=torch.Generator().manual_seed(1))
 
     def decode_step(rows: int) -> torch.Tensor:
-        cache = KVCache(cfg, rows, 32, torch.float32)
+        cache = KVCache(cfg, rows, 32, dtype)
         with torch.inference_mode():
             model(tokens[:rows, :12], cache=cache)
             calls.clear()
-            return model(tokens[:rows, 12:], cache=cache).logits
+            return model(tokens[:rows, 12:], cache=cache).logits.float()
 
     for rows in (1, 3, 8, 16):
         got = decode_step(rows)
         assert calls.count("moe") == cfg.n_layers, calls
         # q, k, v, o and the router per layer, and the LM head
-        assert calls.count("mm") == (0 if rows < 3 else 5 * cfg.n_layers + 1), calls
+        assert calls.count("mm") == (0 if rows < k.mm_min_rows[dtype] else 5 * cfg.n_layers + 1), calls
         with monkeypatch.context() as mp:
             mp.setattr(cpu, "kernel", lambda: None)
             want = decode_step(rows)
             assert not calls
-        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (got - want).abs().max()
+        tol = {"rtol": 0.02, "atol": 0.02} if dtype == torch.bfloat16 else {"rtol": 1e-4, "atol": 1e-5}
+        assert torch.allclose(got, want, **tol), (got - want).abs().max()
 
 
 def test_compiled_bf16_decode_step_calls_the_kernel_as_opaque_ops(monkeypatch):
@@ -336,20 +302,10 @@ def test_compiled_bf16_decode_step_calls_the_kernel_as_opaque_ops(monkeypatch):
 
     from moecoder.generate import decode_one_token, prefill
 
-    if cpu._compiler() is None:
-        pytest.skip("no C compiler: the kernel is optional and PyTorch is used")
-    k = cpu.Kernel(cpu.build())
-    monkeypatch.setattr(cpu, "_load", lambda threads: k)
+    k, calls = _counted_kernel(monkeypatch)
     monkeypatch.setattr(cpu, "READY", None)
     assert cpu.prepare_for_compile() is k
-    calls = []
-    real_mm, real_moe = k.mm, k.moe_swiglu
-    monkeypatch.setattr(k, "mm", lambda *a, **kw: (calls.append("mm"), real_mm(*a, **kw))[1])
-    monkeypatch.setattr(k, "moe_swiglu", lambda *a, **kw: (calls.append("moe"), real_moe(*a, **kw))[1])
-    cfg = get_preset("debug").replace(vocab_size=512)
-    model = Transformer(cfg)
-    model.init_weights(seed=0)
-    model = model.to(torch.bfloat16).eval()
+    cfg, model = _debug_model(torch.bfloat16)
     torch._dynamo.reset()
     step = torch.compile(decode_one_token, backend="eager", fullgraph=True, dynamic=False)
     prompts = torch.randint(0, cfg.vocab_size, (2, 7), generator=torch.Generator().manual_seed(3))

@@ -9,9 +9,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import mfu  # noqa: E402
+import mfu
 
-from moecoder.sizing import attention_flops, meta_params  # noqa: E402
+from moecoder.sizing import attention_flops, meta_params
 
 
 def test_train_flops_are_six_times_active_matmul_plus_three_times_mean_causal_attention():
@@ -31,7 +31,7 @@ def test_moe_500m_is_the_size_the_issue_asks_for():
 def test_cpu_smoke_run_reports_a_consistent_mfu():
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mfu.py"), "--device", "cpu", "--preset", "debug",
                         "--batch", "2", "--seq-len", "32", "--steps", "1", "--peak-tflops", "0.05"],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr
     step_ms = float(re.search(r"step ([\d.]+) ms", r.stdout).group(1))
     gflop_tok = float(re.search(r"([\d.]+) GFLOP/token", r.stdout).group(1))
@@ -42,5 +42,5 @@ def test_cpu_smoke_run_reports_a_consistent_mfu():
 
 def test_a_cpu_without_a_given_peak_is_refused():
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mfu.py"), "--device", "cpu", "--preset", "debug",
-                        "--steps", "1"], capture_output=True, text=True, timeout=120)
+                        "--steps", "1"], capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode != 0 and "--peak-tflops" in r.stderr and "Traceback" not in r.stderr

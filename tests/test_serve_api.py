@@ -54,7 +54,7 @@ def test_completion_usage_matches_tokenizer_and_length(client, codec):
 
 
 def test_greedy_deterministic_and_stream_equals_nonstream(client):
-    kw = dict(model=MODEL, prompt="for i in range(10):", max_tokens=12, temperature=0)
+    kw = {"model": MODEL, "prompt": "for i in range(10):", "max_tokens": 12, "temperature": 0}
     a = client.completions.create(**kw)
     b = client.completions.create(**kw)
     assert a.choices[0].text == b.choices[0].text
@@ -69,7 +69,7 @@ def test_greedy_deterministic_and_stream_equals_nonstream(client):
 
 
 def test_seed_determinism_and_n(client):
-    kw = dict(model=MODEL, prompt="import os", max_tokens=10, temperature=1.0, top_p=0.95, seed=42, n=3)
+    kw = {"model": MODEL, "prompt": "import os", "max_tokens": 10, "temperature": 1.0, "top_p": 0.95, "seed": 42, "n": 3}
     a = client.completions.create(**kw)
     b = client.completions.create(**kw)
     assert [c.text for c in a.choices] == [c.text for c in b.choices]
@@ -82,7 +82,7 @@ def test_seed_determinism_and_n(client):
 
 
 def test_stop_string(client):
-    kw = dict(model=MODEL, prompt="class Stack:", max_tokens=24, temperature=0)
+    kw = {"model": MODEL, "prompt": "class Stack:", "max_tokens": 24, "temperature": 0}
     full = client.completions.create(**kw).choices[0].text
     stop = full[8:11]
     r = client.completions.create(**kw, stop=[stop, "\x00never"])

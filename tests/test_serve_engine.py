@@ -12,8 +12,6 @@ from serve_fixtures import build_codec, build_model
 from moecoder.serve.engine import Engine, QueueFull, RequestParams, Sequence, TextStream, kv_bytes_per_token
 
 
-
-
 @pytest.fixture(scope="module")
 def codec(tmp_path_factory):
     return build_codec(tmp_path_factory.mktemp("tok"))

@@ -10,28 +10,25 @@ import sys
 
 import typer
 
+from .engine_cli import register as register_engine
+from .errors import UserError
+from .evals.eval_cli import app as eval_app
+from .serve.serve_cli import bench_app, serve_cmd
+from .train.data_cli import data_app, tokenizer_app
+from .train.train_cli import plot_cmd, train_cmd
+
+__all__ = ["UserError", "app", "main"]  # commands raise moecoder.cli.UserError
+
 app = typer.Typer(help="moecoder: Mixture-of-Experts code models.", no_args_is_help=True, add_completion=False)
-
-
-from .errors import UserError  # noqa: F401  (re-exported: commands raise moecoder.cli.UserError)
-
-
-# --- registrations (one line per area) ---
-from moecoder.train.data_cli import data_app, tokenizer_app  # noqa: E402  (D1: training data)
 app.add_typer(data_app, name="data")
 app.add_typer(tokenizer_app, name="tokenizer")
-from moecoder.train.train_cli import plot_cmd, train_cmd  # noqa: E402  (D2: training loop)
 app.command("train")(train_cmd)
 app.command("plot")(plot_cmd)
-
-from moecoder.serve.serve_cli import bench_app, serve_cmd  # noqa: E402  (E: serving)
 app.command("serve")(serve_cmd)
 app.add_typer(bench_app, name="bench")
-from moecoder.evals.eval_cli import app as eval_app  # noqa: E402  (G: evaluation)
 app.add_typer(eval_app, name="eval")
+register_engine(app)  # info, generate, demo
 
-from moecoder.engine_cli import register as register_engine  # noqa: E402  (B: info, generate, demo)
-register_engine(app)
 
 def main() -> None:
     try:

@@ -16,8 +16,8 @@ from pathlib import Path
 import typer
 from typer.core import TyperCommand
 
-from .errors import UserError
 from .config import PRESETS
+from .errors import UserError
 
 DTYPES = ("float32", "bfloat16", "float16")
 BUNDLED_MODEL = Path(__file__).parent / "assets" / "default-model"

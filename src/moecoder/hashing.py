@@ -6,7 +6,7 @@ import hashlib
 import os
 
 
-def sha256_file(path: str | os.PathLike, h: "hashlib._Hash | None" = None) -> str:
+def sha256_file(path: str | os.PathLike, h: hashlib._Hash | None = None) -> str:
     """Hex sha256 of a file's bytes; with `h`, feed the bytes into that running hash and return its digest."""
     h = h if h is not None else hashlib.sha256()
     with open(path, "rb") as f:

@@ -78,7 +78,7 @@ class Tokenizer:
             raise TokenizerError(f"no tokenizer.json in {d}")
         try:
             tk = tokenizers.Tokenizer.from_file(str(tj))
-        except Exception as e:  # the library raises a bare Exception on bad JSON
+        except Exception as e:  # noqa: BLE001  (the library raises a bare Exception on bad JSON)
             raise TokenizerError(f"cannot read {tj}: {e}") from None
         config: dict[str, Any] = {}
         tc = d / "tokenizer_config.json"
@@ -157,7 +157,7 @@ class Tokenizer:
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **ctx)
         except ChatTemplateError:
             raise
-        except Exception as e:  # jinja errors (undefined names, sandbox violations...)
+        except Exception as e:  # noqa: BLE001  (jinja errors: undefined names, sandbox violations...)
             raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from None
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
@@ -188,7 +188,7 @@ def _compile_template(source: str):
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
         return env.from_string(source)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001  (any jinja syntax or sandbox error is the template's fault)
         raise ChatTemplateError(f"chat template does not compile: {e}") from None
 
 

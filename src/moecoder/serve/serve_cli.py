@@ -8,20 +8,8 @@ from pathlib import Path
 
 import typer
 
-
-def default_model() -> Path:
-    """The bundled model's folder (moecoder.engine_cli, imported late like UserError)."""
-    from ..engine_cli import default_model as bundled
-
-    return bundled()
-
-
-def UserError(message: str) -> Exception:
-    """moecoder.cli.UserError, imported late: cli.py imports this module to register it."""
-    from ..errors import UserError as _UserError
-
-    return _UserError(message)
-
+from ..engine_cli import default_model
+from ..errors import UserError
 
 bench_app = typer.Typer(help="Measure serving throughput and cost.", no_args_is_help=True)
 

@@ -81,7 +81,7 @@ class MetricsLogger:
             _truncate_after(path, resume_step)
         elif path.exists():
             path.unlink()  # a fresh run starts a fresh log
-        self._file = open(path, "a")
+        self._file = open(path, "a")  # noqa: SIM115  (held open for the run; closed by close())
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is optional
