@@ -228,6 +228,28 @@ def test_fused_moe_fp32_matches_pytorch_per_expert(built, isa, N, E, K):
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (got - want).abs().max()
 
 
+def test_fused_moe_on_random_shapes(built):
+    """30 random layers (1-16 tokens, 1-64 experts, top-1..8, odd widths) in both dtypes on every path
+    this CPU runs, against PyTorch's per-expert ops."""
+    g = torch.Generator().manual_seed(11)
+    for _ in range(30):
+        N, E, C, Fh = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in ((1, 17), (1, 65), (1, 90), (1, 70)))
+        K = int(torch.randint(1, min(E, 8) + 1, (1,), generator=g))
+        ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)])
+        weights = torch.rand(N, K, generator=g)
+        x = torch.randn(N, C, generator=g)
+        w13 = torch.randn(E, 2 * Fh, C, generator=g) / C**0.5
+        w2 = torch.randn(E, C, Fh, generator=g) / Fh**0.5
+        for isa, k in built.items():
+            got = k.moe_swiglu(x, w13, w2, ids, weights)
+            want = cpu.torch_moe_swiglu(x, w13, w2, ids, weights)
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (isa, N, E, K, C, Fh)
+            xb, w13b, w2b = x.bfloat16(), w13.bfloat16(), w2.bfloat16()
+            got = k.moe_swiglu(xb, w13b, w2b, ids, weights).float()
+            want = cpu.torch_moe_swiglu(xb, w13b, w2b, ids, weights).float()
+            assert torch.allclose(got, want, rtol=2**-5, atol=2e-2), (isa, "bf16", N, E, K, C, Fh)
+
+
 @pytest.mark.parametrize("isa", list(PATHS))
 def test_fused_moe_bf16_groups_like_the_sorted_dispatch(built, isa):
     """16 tokens on 3 experts in bf16: the same roundings as PyTorch's per-expert ops and index_add in
