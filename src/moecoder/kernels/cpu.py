@@ -221,7 +221,8 @@ def _product_min_rows(k: Kernel) -> dict[torch.dtype, int]:
             w = torch.randn(4096, 1024, generator=g).to(dtype)
             for m, use_from in ((1, 1), (4, 3)):
                 x = torch.randn(m, 1024, generator=g).to(dtype)
-                if median_time(lambda x=x, w=w: k.mm(x, w), 7) < 0.85 * median_time(lambda x=x, w=w: F.linear(x, w), 7):
+                ours = median_time(lambda x=x, w=w: k.mm(x, w), 7)
+                if ours < 0.85 * median_time(lambda x=x, w=w: F.linear(x, w), 7):
                     rows[dtype] = use_from
                     break
     return rows
@@ -241,7 +242,8 @@ def _fast_moe(k: Kernel) -> frozenset[torch.dtype]:
             w13 = (torch.randn(E, 2 * Fh, C, generator=g) / C**0.5).to(dtype)
             w2 = (torch.randn(E, C, Fh, generator=g) / Fh**0.5).to(dtype)
             args = (x, w13, w2, ids, wts)
-            if median_time(lambda a=args: k.moe_swiglu(*a), 5) < 0.85 * median_time(lambda a=args: torch_moe_swiglu(*a), 5):
+            ours = median_time(lambda a=args: k.moe_swiglu(*a), 5)
+            if ours < 0.85 * median_time(lambda a=args: torch_moe_swiglu(*a), 5):
                 fast.add(dtype)
     return frozenset(fast)
 
