@@ -91,22 +91,28 @@ static inline __m512 load_f32(const float *p, int64_t n) { /* n < 16: zero-fille
  * bounds are constants after inlining, so every accumulator lives in a register; each weight
  * vector is loaded once and used for every x row. One cache line of each weight row per step. */
 #define DEFINE_BLOCK(NAME, T, STEP_, VEC, LOAD, FMA)                                                                    \
+    /* One step along K: n_left >= STEP_ (a constant after inlining) loads whole vectors, unchecked. */             \
+    static inline __attribute__((always_inline)) void NAME##_step(const T *const *x, const T *const *w, int64_t k,    \
+                                                                  int64_t n_left, int64_t pf, __m512 *acc,          \
+                                                                  const int MBX, const int NBW) {                   \
+        VEC wv[ACC];                                                                                                   \
+        for (int n = 0; n < NBW; n++) {                                                                                \
+            /* The next block's rows, PF_BLOCKS ahead: weights that are not in cache arrive in time. */                \
+            _mm_prefetch((const char *)(w[n] + k + pf), _MM_HINT_T0);                                                  \
+            wv[n] = LOAD(w[n] + k, n_left);                                                                            \
+        }                                                                                                              \
+        for (int m = 0; m < MBX; m++) {                                                                                \
+            VEC xv = LOAD(x[m] + k, n_left);                                                                           \
+            for (int n = 0; n < NBW; n++) acc[m * NBW + n] = FMA(acc[m * NBW + n], xv, wv[n]);                         \
+        }                                                                                                              \
+    }                                                                                                                  \
     static inline __attribute__((always_inline)) void NAME(const T *const *x, const T *const *w, int64_t K,           \
                                                            int64_t pf, float *out, const int MBX, const int NBW) {    \
         __m512 acc[ACC];                                                                                               \
         for (int i = 0; i < ACC; i++) acc[i] = _mm512_setzero_ps();                                                    \
-        for (int64_t k = 0; k < K; k += STEP_) {                                                                       \
-            VEC wv[ACC];                                                                                               \
-            for (int n = 0; n < NBW; n++) {                                                                            \
-                /* The next block's rows, PF_BLOCKS ahead: weights that are not in cache arrive in time. */            \
-                _mm_prefetch((const char *)(w[n] + k + pf), _MM_HINT_T0);                                              \
-                wv[n] = LOAD(w[n] + k, K - k);                                                                         \
-            }                                                                                                          \
-            for (int m = 0; m < MBX; m++) {                                                                            \
-                VEC xv = LOAD(x[m] + k, K - k);                                                                        \
-                for (int n = 0; n < NBW; n++) acc[m * NBW + n] = FMA(acc[m * NBW + n], xv, wv[n]);                     \
-            }                                                                                                          \
-        }                                                                                                              \
+        int64_t k = 0;                                                                                                 \
+        for (; k + STEP_ <= K; k += STEP_) NAME##_step(x, w, k, STEP_, pf, acc, MBX, NBW);                             \
+        if (k < K) NAME##_step(x, w, k, K - k, pf, acc, MBX, NBW); /* the tail, zero-filled */                         \
         reduce16(acc, out);                                                                                            \
     }
 static inline __m512 fma_f32(__m512 acc, __m512 a, __m512 b) { return _mm512_fmadd_ps(a, b, acc); }
