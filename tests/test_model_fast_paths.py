@@ -82,7 +82,7 @@ def test_batched_decode_vocab_projection_equals_the_linear_layer(rows):
 @pytest.mark.parametrize("kw", CONFIGS + [
     {"sliding_window": 3, "dense_layers": (1,), "qkv_bias": True},
     {"kv_lora_rank": 16, "q_lora_rank": 24, "qk_nope_dim": 8, "qk_rope_dim": 4, "v_head_dim": 12,
-     "rope_interleave": True},  # latent attention (DeepSeek): its last layer still attends every row
+     "rope_interleave": True},  # latent attention (DeepSeek): the one query attends in latent space
 ])
 def test_prefill_runs_the_last_layer_only_where_logits_are_asked(kw):
     """A prefill projects one position per row to the vocabulary, so its last layer makes keys and
@@ -93,10 +93,9 @@ def test_prefill_runs_the_last_layer_only_where_logits_are_asked(kw):
     lengths = torch.tensor([11, 4, 8])
     seen = {}
     last = m.layers[-1]
-    hooks = [last.ffn.register_forward_pre_hook(lambda mod, args: seen.__setitem__("ffn", tuple(args[0].shape)))]
-    if hasattr(last.attn, "q_proj"):
-        hooks.append(last.attn.q_proj.register_forward_pre_hook(
-            lambda mod, args: seen.__setitem__("q", tuple(args[0].shape))))
+    q_in = last.attn.q_a_proj if hasattr(last.attn, "q_a_proj") else last.attn.q_proj
+    hooks = [last.ffn.register_forward_pre_hook(lambda mod, args: seen.__setitem__("ffn", tuple(args[0].shape))),
+             q_in.register_forward_pre_hook(lambda mod, args: seen.__setitem__("q", tuple(args[0].shape)))]
     with torch.inference_mode():
         cache_a, cache_b = (KVCache(cfg, 3, 16, torch.float32) for _ in range(2))
         got = prefill(m, tokens, lengths, cache_a)
@@ -104,7 +103,7 @@ def test_prefill_runs_the_last_layer_only_where_logits_are_asked(kw):
         full = m(tokens, cache=cache_b).logits[torch.arange(3), lengths - 1]
     for h in hooks:
         h.remove()
-    assert asked["ffn"] == (3, 1, cfg.dim) and asked.get("q", (3, 1, cfg.dim)) == (3, 1, cfg.dim), asked
+    assert asked["ffn"] == asked["q"] == (3, 1, cfg.dim), asked
     assert seen["ffn"] == (3, 11, cfg.dim)  # the full forward ran every token
     assert torch.allclose(got, full, rtol=1e-5, atol=1e-5), (got - full).abs().max()
     for a, b in zip(cache_a.k + cache_a.v, cache_b.k + cache_b.v):

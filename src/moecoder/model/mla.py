@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import AttentionStep, KVCache, RMSNorm
+from .attention import AttentionStep, KVCache, RMSNorm, _mask
 from .linear import Linear
 from .rope import apply_rope
 
@@ -93,16 +93,30 @@ class MLAttention(nn.Module):
         self.scale = mla_softmax_scale(cfg)
         self.interleave = cfg.rope_interleave
 
-    def forward(self, x_BTC: torch.Tensor, step: AttentionStep, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x_BTC: torch.Tensor, step: AttentionStep, cache: KVCache | None = None,
+                query_at: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention output [B, T, C]; with `query_at` [B] (as in attention.py) latents are made (and cached)
+        for all T tokens, the query side and attention only for those positions: [B, 1, C]."""
         B, T, _ = x_BTC.shape
-        q = self.q_b_proj(self.q_a_norm(self.q_a_proj(x_BTC))) if self.low_rank_q else self.q_proj(x_BTC)
-        q_nope, q_rope = q.view(B, T, self.n_heads, -1).transpose(1, 2).split([self.nope, self.rope], dim=-1)
-        q_rope = rope_pairs(q_rope, step.cos, step.sin, self.interleave)
+        cos_q, sin_q, x_q = step.cos, step.sin, x_BTC
+        if query_at is not None:
+            rows = torch.arange(B, device=x_BTC.device)
+            cos_q, sin_q, x_q = step.cos[rows, query_at][:, None], step.sin[rows, query_at][:, None], \
+                x_BTC[rows, query_at][:, None]
+        Tq = x_q.shape[1]
+        q = self.q_b_proj(self.q_a_norm(self.q_a_proj(x_q))) if self.low_rank_q else self.q_proj(x_q)
+        q_nope, q_rope = q.view(B, Tq, self.n_heads, -1).transpose(1, 2).split([self.nope, self.rope], dim=-1)
+        q_rope = rope_pairs(q_rope, cos_q, sin_q, self.interleave)
         c_BTL, k_rope_BTR = self.kv_a_proj(x_BTC).split([self.rank, self.rope], dim=-1)
         k_rope = rope_pairs(k_rope_BTR[:, None], step.cos, step.sin, self.interleave)
         latent_B1TW = torch.cat((self.kv_a_norm(c_BTL)[:, None], k_rope), dim=-1)
 
-        if cache is None:
+        if query_at is not None:  # one query per row over its prefix, in latent space (as decode)
+            latents = latent_B1TW if cache is None else _latent_write(cache, self.layer, latent_B1TW, step)
+            key_pos = torch.arange(latents.shape[2], device=x_BTC.device)
+            mask = _mask(step.pos_BT[rows, query_at][:, None], key_pos, None)[:, None]
+            out = self._absorbed(q_nope, q_rope, latents, mask)
+        elif cache is None:
             out = self._expanded(q_nope, q_rope, latent_B1TW, causal=True)
         else:
             cached = _latent_write(cache, self.layer, latent_B1TW, step)
@@ -112,7 +126,7 @@ class MLAttention(nn.Module):
                 # A single new token per row at a common position sees every cached key: no mask.
                 mask = None if T == 1 and step.start is not None else step.mask(None)[:, None]
                 out = self._absorbed(q_nope, q_rope, cached, mask)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.v_dim))
+        return self.o_proj(out.transpose(1, 2).reshape(B, Tq, self.n_heads * self.v_dim))
 
     def _expanded(self, q_nope, q_rope, latent_B1SW, causal: bool) -> torch.Tensor:
         """Per-head keys and values from the latents; [B, H, T, V]."""

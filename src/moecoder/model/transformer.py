@@ -58,11 +58,7 @@ class Block(nn.Module):
             x = x + self.attn(self.input_norm(x), step, cache)
         else:
             rows = torch.arange(x.shape[0], device=x.device)
-            if isinstance(self.attn, Attention):
-                a = self.attn(self.input_norm(x), step, cache, query_at=out_at)
-            else:  # latent attention (mla.py) computes every row's output; keep the ones asked for
-                a = self.attn(self.input_norm(x), step, cache)[rows, out_at][:, None]
-            x = x[rows, out_at][:, None] + a
+            x = x[rows, out_at][:, None] + self.attn(self.input_norm(x), step, cache, query_at=out_at)
         h = self.post_attn_norm(x)
         if self.is_moe:
             y, stats = self.ffn(h)
