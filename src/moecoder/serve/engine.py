@@ -30,6 +30,7 @@ import torch
 
 from .. import sizing
 from ..generate import SamplingParams as Sampling
+from ..kernels import cpu as cpu_kernels
 from ..generate import StopMatcher, sample_rows
 from ..model import KVCache, Transformer
 
@@ -172,6 +173,9 @@ class Engine:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        if self.device.type == "cpu":
+            # Build (or load) and time the CPU kernels now, not during the first request (kernels/cpu.py).
+            cpu_kernels.kernel()
         per_row = kv_bytes_per_token(model, self.dtype) * self.max_context
         slots = max_batch
         if kv_budget_mb is not None:
