@@ -80,6 +80,20 @@ class AttentionStep:
             raise ValueError(f"KV cache of {cache.max_len} positions is full (needs {self.kv_len})")
         self.start = first[0] if all(p == first[0] for p in first) else None
 
+    def queries_at(self, x_BTC: torch.Tensor, query_at: torch.Tensor | None):
+        """The query side's input and rotary tables: every token's, or only each row's `query_at`
+        position ([B, 1, ...]: a prefill's last layer, whose other outputs nobody reads)."""
+        if query_at is None:
+            return x_BTC, self.cos, self.sin
+        rows = torch.arange(x_BTC.shape[0], device=x_BTC.device)
+        return x_BTC[rows, query_at][:, None], self.cos[rows, query_at][:, None], self.sin[rows, query_at][:, None]
+
+    def mask_at(self, query_at: torch.Tensor, n_keys: int, window: int | None) -> torch.Tensor:
+        """Boolean [B, 1, n_keys] mask for one query per row at its `query_at` position."""
+        rows = torch.arange(query_at.shape[0], device=query_at.device)
+        key_pos = torch.arange(n_keys, device=self.pos_BT.device)
+        return _mask(self.pos_BT[rows, query_at][:, None], key_pos, window)
+
     def mask(self, window: int | None) -> torch.Tensor:
         """Boolean [B, T, kv_len] mask (see `_mask`), built once per window size per forward."""
         if window not in self._masks:
@@ -111,11 +125,7 @@ class Attention(nn.Module):
         needed, e.g. the last layer of a prefill), keys and values are still made (and cached) for
         all T tokens, but queries, attention and the output projection only for those: [B, 1, C]."""
         B, T, _ = x_BTC.shape
-        cos_q, sin_q, x_q = step.cos, step.sin, x_BTC
-        if query_at is not None:
-            rows = torch.arange(B, device=x_BTC.device)
-            cos_q, sin_q, x_q = step.cos[rows, query_at][:, None], step.sin[rows, query_at][:, None], \
-                x_BTC[rows, query_at][:, None]
+        x_q, cos_q, sin_q = step.queries_at(x_BTC, query_at)
         Tq = x_q.shape[1]
         q, k, v = self.q_proj(x_q), self.k_proj(x_BTC), self.v_proj(x_BTC)
         if self.qk_norm == "full":
@@ -131,8 +141,7 @@ class Attention(nn.Module):
         if query_at is not None:
             if cache is not None:
                 keys, vals = _cache_write(cache, self.layer, k_BKTD, v_BKTD, step)
-            key_pos = torch.arange(keys.shape[2], device=x_BTC.device)
-            mask = _mask(step.pos_BT[rows, query_at][:, None], key_pos, self.window)
+            mask = step.mask_at(query_at, keys.shape[2], self.window)
         elif cache is None:
             if self.window is not None:
                 mask = step.mask(self.window)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import AttentionStep, KVCache, RMSNorm, _mask
+from .attention import AttentionStep, KVCache, RMSNorm
 from .linear import Linear
 from .rope import apply_rope
 
@@ -98,11 +98,7 @@ class MLAttention(nn.Module):
         """Attention output [B, T, C]; with `query_at` [B] (as in attention.py) latents are made (and cached)
         for all T tokens, the query side and attention only for those positions: [B, 1, C]."""
         B, T, _ = x_BTC.shape
-        cos_q, sin_q, x_q = step.cos, step.sin, x_BTC
-        if query_at is not None:
-            rows = torch.arange(B, device=x_BTC.device)
-            cos_q, sin_q, x_q = step.cos[rows, query_at][:, None], step.sin[rows, query_at][:, None], \
-                x_BTC[rows, query_at][:, None]
+        x_q, cos_q, sin_q = step.queries_at(x_BTC, query_at)
         Tq = x_q.shape[1]
         q = self.q_b_proj(self.q_a_norm(self.q_a_proj(x_q))) if self.low_rank_q else self.q_proj(x_q)
         q_nope, q_rope = q.view(B, Tq, self.n_heads, -1).transpose(1, 2).split([self.nope, self.rope], dim=-1)
@@ -113,9 +109,7 @@ class MLAttention(nn.Module):
 
         if query_at is not None:  # one query per row over its prefix, in latent space (as decode)
             latents = latent_B1TW if cache is None else _latent_write(cache, self.layer, latent_B1TW, step)
-            key_pos = torch.arange(latents.shape[2], device=x_BTC.device)
-            mask = _mask(step.pos_BT[rows, query_at][:, None], key_pos, None)[:, None]
-            out = self._absorbed(q_nope, q_rope, latents, mask)
+            out = self._absorbed(q_nope, q_rope, latents, step.mask_at(query_at, latents.shape[2], None)[:, None])
         elif cache is None:
             out = self._expanded(q_nope, q_rope, latent_B1TW, causal=True)
         else:

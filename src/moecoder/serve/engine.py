@@ -30,8 +30,8 @@ import torch
 
 from .. import sizing
 from ..generate import SamplingParams as Sampling
-from ..kernels import cpu as cpu_kernels
 from ..generate import StopMatcher, sample_rows
+from ..kernels import cpu as cpu_kernels
 from ..model import KVCache, Transformer
 
 log = logging.getLogger(__name__)
