@@ -22,7 +22,8 @@ from moecoder.train.loop import TrainConfig, train
 STEPS = 5
 
 
-BIAS_YAML = """\
+# A MiniMax-M2-style debug model with the selection-only routing bias (shared with test_train_fp16.py).
+BIAS_MODEL_YAML = """\
 model:
   preset: debug
   model_type: minimax_m2
@@ -31,6 +32,8 @@ model:
   norm_topk: true
   qk_norm: full
   ffn_dim: 64
+"""
+BIAS_YAML = BIAS_MODEL_YAML + """\
 train:
   bias_update_rate: 1.0e-3
 """

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from test_train_distributed import BIAS_MODEL_YAML
 from test_train_loop import TINY_YAML, cli_env, factory, tiny_cfg, write_token_dir
 
 from moecoder.model import Transformer
@@ -476,16 +477,6 @@ def test_fused_ce_under_a_grad_scaler_matches_the_plain_formulation_through_trai
 
 # --- FSDP2: ShardedGradScaler on 2 gloo ranks ---
 
-BIAS_YAML = """\
-model:
-  preset: debug
-  model_type: minimax_m2
-  score_func: sigmoid
-  routing_bias: true
-  norm_topk: true
-  qk_norm: full
-  ffn_dim: 64
-"""
 
 # Runs `train` (under torchrun or not) with a NaN put into one gradient element at one step, after the
 # backward (and DDP's all-reduce): on the last rank only, or on every rank with POISON_ALL_RANKS=1.
@@ -525,7 +516,7 @@ def test_two_gloo_ranks_skip_together_and_match_one_process(tmp_path, parallel):
     scale; the rest matches one process. Also runs fused AdamW on DTensors under a GradScaler, which
     torch 2.13 cannot do through GradScaler's fused-kernel path (see optim.scaled_clip_and_step)."""
     data = write_token_dir(tmp_path / "data", n_train=3000, n_val=600)
-    (tmp_path / "bias.yaml").write_text(BIAS_YAML)
+    (tmp_path / "bias.yaml").write_text(BIAS_MODEL_YAML)
     (tmp_path / "driver.py").write_text(DRIVER)
     args = ["train", "--config", str(tmp_path / "bias.yaml"), "--data", str(data), "--steps", "5",
             "--batch-size", "4", "--micro-batch", "1", "--seq-len", "16", "--warmup", "2", "--lr", "3e-3",
