@@ -6,6 +6,7 @@ with SandboxRefused naming what is missing. A few process-level attacks also run
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -145,13 +146,21 @@ def test_many_small_files_hit_the_work_dir_quota(sb):
     assert b"No space left" in res.stderr or b"OSError" in res.stderr
 
 
-def test_no_network_loopback_listener_sees_nothing(sb):
+@contextlib.contextmanager
+def _host_listener():
+    """A TCP listener on the host's 127.0.0.1 (accept times out after 0.5 s); yields (socket, port)."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
     listener.settimeout(0.5)
-    port = listener.getsockname()[1]
     try:
+        yield listener, listener.getsockname()[1]
+    finally:
+        listener.close()
+
+
+def test_no_network_loopback_listener_sees_nothing(sb):
+    with _host_listener() as (listener, port):
         res = run_py(sb, f"""
         import socket
         for family, addr in ((socket.AF_INET, ("127.0.0.1", {port})), (socket.AF_INET6, ("::1", {port}))):
@@ -166,20 +175,13 @@ def test_no_network_loopback_listener_sees_nothing(sb):
         assert b"CONNECTED" not in res.stdout and res.stdout.count(b"refused") == 2
         with pytest.raises(socket.timeout):
             listener.accept()
-    finally:
-        listener.close()
 
 
 def test_loopback_tcp_sandbox_reaches_only_its_private_loopback():
     """loopback_tcp (for gloo in the training-loop workflow): TCP works inside the sample's own network
     namespace, while a listener on the host's 127.0.0.1 stays unreachable and sees nothing."""
     sb_tcp = Sandbox(min_tier=IsolationTier.NAMESPACES, opt_in=True, loopback_tcp=True)
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    listener.settimeout(0.5)
-    port = listener.getsockname()[1]
-    try:
+    with _host_listener() as (listener, port):
         res = run_py(sb_tcp, f"""
         import socket
         srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(1)
@@ -195,8 +197,6 @@ def test_loopback_tcp_sandbox_reaches_only_its_private_loopback():
         assert b"HOST CONNECTED" not in res.stdout
         with pytest.raises(socket.timeout):
             listener.accept()
-    finally:
-        listener.close()
 
 
 def test_writes_outside_the_work_dir_do_not_reach_the_host(sb, tmp_path):
