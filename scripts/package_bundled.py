@@ -1,7 +1,7 @@
 """Package a training run as the bundled default model, with its model card.
 
     .venv/bin/python scripts/package_bundled.py --run runs/bundled --corpus runs/corpus \
-        [--eval-run runs/main/workflows --eval-run runs/main/humaneval]
+        [--eval-run runs/main/workflows --eval-run runs/main/humaneval --eval-run runs/main/mbpp ...]
 
 Copies the newest good checkpoint's HF folder to src/moecoder/assets/default-model in bf16 (the
 loader converts to the dtype asked for), writes loss.png and README.md (the model card) from the
@@ -166,11 +166,21 @@ python scripts/package_bundled.py --run runs/bundled --corpus runs/corpus
 
 ## Evaluation
 
-Measured by `make run` (`moecoder eval run --backend local --allow-exec --usd-per-hour 0.10`, greedy;
-workflows with the `instruct-files@1` template, HumanEval with `completion@1`). The model never
-answers in the multi-file format the workflows ask for (every workflow sample is `extract`); on
-HumanEval 86.6% of its completions compile and none passes. That is the honest floor this system
-measures from.
+Measured with `moecoder eval run --backend local --allow-exec --usd-per-hour 0.10`, greedy, one sample
+per task: the workflows (`instruct-files@1` template) and HumanEval (`completion@1`) by `make run`; MBPP's
+500 test tasks and HumanEval+ (`completion@1`: the original MBPP prompt with its three asserts, and the
+function prefix) from the data files in `../shared/data/`:
+
+```bash
+moecoder eval run --suite mbpp --data ../shared/data/mbpp.jsonl --template completion@1 \
+    --usd-per-hour 0.10 --allow-exec --out runs/main/mbpp
+moecoder eval run --suite humaneval+ --data ../shared/data/HumanEvalPlus.jsonl.gz --template completion@1 \
+    --usd-per-hour 0.10 --allow-exec --out runs/main/humanevalplus
+```
+
+The model never answers in the multi-file format the workflows ask for (every workflow sample is
+`extract`); it passes no HumanEval, HumanEval+ or MBPP task, though most of its HumanEval completions
+compile (syntax accuracy below). That is the honest floor this system measures from.
 
 {evals}
 """

@@ -238,3 +238,38 @@ def test_concurrency_is_bounded(tmp_path):
         ts = [FakeTask(f"t{i}", "add", [((1, 2), 3)]) for i in range(4)]
         r = make_runner(tmp_path, srv.url, ts, concurrency=3).run()
     assert r.new_samples == 8 and srv.max_active == 3
+
+
+@dataclass
+class ProseTask(FakeTask):
+    """A completion prompt in prose, as MBPP's: the continuation alone is the program."""
+
+    def prompts(self):
+        text = f"TASK={self.task_id}: write {self.entry_point}(a, b). Tests:\nassert {self.entry_point}(1, 2) == 3\n[BEGIN]\n"
+        return {"completion": Prompt(self.task_id, text, [], "fake-prose", stop=["[DONE]", "\nassert "], code_prefix="")}
+
+
+def test_completion_answers_to_prose_and_code_prompts_are_programs(tmp_path):
+    """A code prompt's continuation extends the prompt (HumanEval); a prose prompt's stands alone (MBPP's
+    [BEGIN] format: prepending the prose would make every answer a syntax error)."""
+    replies = {"add": Reply(text="def add(a, b):\n    return a + b\n[DONE]\nnoise", usage=(30, 12)),
+               "sub": Reply(text="def sub(a, b):\n    return a - b\n\nassert sub(1, 2) == 5\n", usage=(30, 12)),
+               "mul": Reply(text="    return a * b\n\ndef other():\n", usage=(30, 8))}
+
+    def answer(body, n):
+        prompt = body["prompt"]
+        return replies[re.search(r"TASK=(\w+)", prompt).group(1) if "TASK=" in prompt else "mul"]
+
+    task_list = [ProseTask("add", "add", [((1, 2), 3)]), ProseTask("sub", "sub", [((3, 1), 2)]),
+                 FakeTask("mul", "mul", [((2, 3), 6)])]
+    with FakeOpenAIServer(answer) as srv:
+        be = OpenAIBackend(model="fake-coder", base_url=srv.url, api_key_env="FAKE_API_KEY", api="completions",
+                           max_retries=0)
+        cfg = RunConfig(suite="mbpp", out_dir=tmp_path / "run", template=get_template("completion@1"),
+                        sampling=Sampling(max_tokens=64), samples=1)
+        assert Runner(cfg, be, task_list, prices=prices(tmp_path)).run().state == "complete"
+    recs = {r["task_id"]: r for r in load_records(tmp_path / "run")}
+    assert recs["add"]["extracted"] == "def add(a, b):\n    return a + b\n"
+    assert recs["sub"]["extracted"] == "def sub(a, b):\n    return a - b\n"  # cut at the model's own test
+    assert recs["mul"]["extracted"] == "def mul(a, b):\n    return a * b\n"  # prompt + body, cut at "\ndef "
+    assert {k: r["status"] for k, r in recs.items()} == {"add": "pass", "sub": "pass", "mul": "pass"}

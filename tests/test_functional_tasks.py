@@ -222,6 +222,21 @@ def test_mbpp_reference_passes(mbpp, sb, task_id):
     assert v.passed and v.checks_passed == v.checks_total == len(task.asserts), v
 
 
+def test_mbpp_completion_prompt_is_the_original_format_and_its_answer_stands_alone(mbpp, sb):
+    """[BEGIN] ... [DONE]: the prompt is prose, so the program is the continuation alone, cut at [DONE] or
+    where a base model goes on to write tests."""
+    task = mbpp["Mbpp/11"]
+    p = task.prompts()["completion"]
+    assert p.text.endswith("[BEGIN]\n") and task.asserts[0] in p.text and p.code_prefix == ""
+    program = p.program(task.reference_program + "\n[DONE]\nYou are an expert ...")
+    assert program == task.reference_program + "\n"
+    assert p.program(task.reference_program + "\n" + task.asserts[0] + "\n") == task.reference_program
+    assert task.evaluate(program, sb).passed
+    # HumanEval's completion prompt is code: its continuation extends it.
+    he = F.load_humaneval()[0].prompts()["completion"]
+    assert he.code_prefix is None and he.program("    return True\n\ndef x():\n") == he.text + "    return True\n"
+
+
 def test_mbpp_wrong_solution_and_cheats_fail(mbpp, sb):
     task = mbpp["Mbpp/11"]
     v = task.evaluate("def remove_Occ(s, ch):\n    return s[1:-1]\n", sb)

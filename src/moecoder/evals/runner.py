@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from moecoder.evals.backends.base import Backend, Generation, Sampling
-from moecoder.evals.extract import UnsafePath, extract_code, extract_files, parses, truncate_at_stop
+from moecoder.evals.extract import UnsafePath, extract_code, extract_files, parses
 from moecoder.evals.prices import PriceTable, local_cost
 from moecoder.evals.templates import Template
 from moecoder.evals.types import Prompt, Status, Task, Verdict
@@ -371,7 +371,7 @@ class Runner:
         answer = self.cfg.template.answer
         extracted: Any
         if answer == "continuation":
-            extracted = it.prompt.text + truncate_at_stop(gen.text, it.prompt.stop)
+            extracted = it.prompt.program(gen.text)
         elif answer == "files":
             try:
                 extracted = extract_files(gen.text) or None

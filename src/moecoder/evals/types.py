@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
 
+from moecoder.evals.extract import truncate_at_stop
+
 
 class Status(str, Enum):
     """Outcome of one sample. Exactly one per sample."""
@@ -60,6 +62,14 @@ class Prompt:
     messages: list[dict[str, str]]
     template_id: str  # e.g. "humaneval-completion@1"
     stop: list[str] = field(default_factory=list)
+    # Completion style: the code the continuation extends, prepended to it to make the program. None: the
+    # prompt text itself (HumanEval's signature + docstring); "" for a prompt in prose (MBPP's [BEGIN] format).
+    code_prefix: str | None = None
+
+    def program(self, continuation: str) -> str:
+        """The program a completion-style answer makes: code prefix + the continuation cut at the first stop."""
+        prefix = self.text if self.code_prefix is None else self.code_prefix
+        return prefix + truncate_at_stop(continuation, self.stop)
 
 
 class Task(Protocol):

@@ -37,6 +37,7 @@ HUMANEVAL_PLUS_SHA256 = "272720b90ac375502c8ed23cd791c2a93dfb22a911641a494da74a4
 MBPP_SHA256 = "ccf64ceae9c5403bf50a044cb6d505bfd2a2963ee58338ba268fd65beab92a9f"  # data README
 MBPP_TEST_IDS = range(11, 511)  # the usual evaluation split (mbpp/README.md)
 COMPLETION_STOPS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert "]
+MBPP_STOPS = ["[DONE]", "\nassert ", "\nif __name__", "\nprint(", "\n```"]
 _FATAL = {"timeout": Status.TIMEOUT, "memory": Status.MEMORY, "crash": Status.CRASH}
 _BATCH = 100
 MBPP_SKIPPED: dict[str, dict[str, str]] = {}  # suite -> {task_id: why}: tasks load_mbpp leaves out
@@ -122,7 +123,11 @@ class FunctionTask:
             return {
                 "instruction": Prompt(self.task_id, text, [{"role": "user", "content": text + (
                     "\nAnswer with the complete Python code in one ```python block.")}], "mbpp-instruction@1"),
-                "completion": Prompt(self.task_id, text + "[BEGIN]\n", [], "mbpp-completion@1", stop=["[DONE]"]),
+                # The original MBPP prompt: the answer is the code between [BEGIN] and [DONE]. A base model that
+                # never writes [DONE] is cut where it leaves the solution for tests or a script (helper
+                # functions and classes stay).
+                "completion": Prompt(self.task_id, text + "[BEGIN]\n", [], "mbpp-completion@1", stop=MBPP_STOPS,
+                                     code_prefix=""),
             }
         instruction = ("Complete the following Python function. Answer with the complete function "
                        f"(including the signature) in one ```python block.\n\n```python\n{self.prompt}```\n")
