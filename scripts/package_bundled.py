@@ -172,9 +172,9 @@ per task: the workflows (`instruct-files@1` template) and HumanEval (`completion
 function prefix) from the data files in `../shared/data/`:
 
 ```bash
-moecoder eval run --suite mbpp --data ../shared/data/mbpp.jsonl --template completion@1 \
+moecoder eval run --suite mbpp --data ../shared/data/mbpp.jsonl --template completion@1 \\
     --usd-per-hour 0.10 --allow-exec --out runs/main/mbpp
-moecoder eval run --suite humaneval+ --data ../shared/data/HumanEvalPlus.jsonl.gz --template completion@1 \
+moecoder eval run --suite humaneval+ --data ../shared/data/HumanEvalPlus.jsonl.gz --template completion@1 \\
     --usd-per-hour 0.10 --allow-exec --out runs/main/humanevalplus
 ```
 

@@ -126,7 +126,7 @@ class FunctionTask:
                 # The original MBPP prompt: the answer is the code between [BEGIN] and [DONE]. A base model that
                 # never writes [DONE] is cut where it leaves the solution for tests or a script (helper
                 # functions and classes stay).
-                "completion": Prompt(self.task_id, text + "[BEGIN]\n", [], "mbpp-completion@1", stop=MBPP_STOPS,
+                "completion": Prompt(self.task_id, text + "[BEGIN]\n", [], "mbpp-completion@2", stop=MBPP_STOPS,
                                      code_prefix=""),
             }
         instruction = ("Complete the following Python function. Answer with the complete function "
