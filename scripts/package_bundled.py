@@ -168,8 +168,9 @@ python scripts/package_bundled.py --run runs/bundled --corpus runs/corpus
 
 Measured with `moecoder eval run --backend local --allow-exec --usd-per-hour 0.10`, greedy, one sample
 per task: the workflows (`instruct-files@1` template) and HumanEval (`completion@1`) by `make run`; MBPP's
-500 test tasks and HumanEval+ (`completion@1`: the original MBPP prompt with its three asserts, and the
-function prefix) from the data files in `../shared/data/`:
+test split (499 of its 500 tasks: the loader leaves out Mbpp/367, whose tests build objects of the solution's own
+classes, which the trusted side cannot check) and HumanEval+, both with `completion@1` (the original MBPP prompt with its three
+asserts; the function prefix), from the data files in `../shared/data/`:
 
 ```bash
 moecoder eval run --suite mbpp --data ../shared/data/mbpp.jsonl --template completion@1 \\
@@ -179,8 +180,9 @@ moecoder eval run --suite humaneval+ --data ../shared/data/HumanEvalPlus.jsonl.g
 ```
 
 The model never answers in the multi-file format the workflows ask for (every workflow sample is
-`extract`); it passes no HumanEval, HumanEval+ or MBPP task, though most of its HumanEval completions
-compile (syntax accuracy below). That is the honest floor this system measures from.
+`extract`); it passes no HumanEval, HumanEval+ or MBPP task. Most of its HumanEval completions compile; on
+MBPP's prose prompts it writes unrelated code up to the 1024-token limit, so none of those answers parses.
+That is the honest floor this system measures from.
 
 {evals}
 """
