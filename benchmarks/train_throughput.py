@@ -56,7 +56,7 @@ def gemm_and_adamw(step) -> tuple[float, float, float]:
 
 
 def _inplace_addmm_flops(key: str, shapes) -> int:
-    """The profiler counts no FLOPs for in-place addmm_ / baddbmm_ (self, mat1, mat2, ...): 2 x M x K x N."""
+    """The profiler counts no FLOPs for the in-place addmm_ (self, mat1, mat2, ...): 2 x M x K x N."""
     if key in ("aten::addmm_", "aten::addmm") and len(shapes) >= 3 and len(shapes[1]) == len(shapes[2]) == 2:
         (m, k), (_, n) = shapes[1], shapes[2]
         return 2 * m * k * n
