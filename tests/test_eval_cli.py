@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from fake_openai_server import FakeOpenAIServer, Reply
@@ -15,6 +17,8 @@ from typer.testing import CliRunner
 from moecoder.cli import UserError, app
 from moecoder.evals import eval_cli
 from moecoder.evals.types import Prompt, Status, Verdict
+
+DATA = Path(os.environ.get("MOECODER_SHARED_DATA", "/work/shared/data"))
 
 
 @dataclass
@@ -137,14 +141,12 @@ def test_report_of_a_non_run_is_an_error(tmp_path):
     assert isinstance(res.exception, UserError) and "not a run directory" in str(res.exception)
 
 
-def test_base_model_without_chat_template_gets_the_completion_template(tmp_path):
-    """The bundled model has no chat template: HumanEval defaults to continuing the function."""
-    import json
-    import subprocess
-    import sys
-
+@pytest.mark.parametrize("suite,data", [("humaneval", []), ("mbpp", ["--data", str(DATA / "mbpp.jsonl")])])
+def test_base_model_without_chat_template_gets_the_completion_template(tmp_path, suite, data):
+    """The bundled model has no chat template: HumanEval defaults to continuing the function, MBPP to its
+    original [BEGIN] prompt."""
     out = tmp_path / "run"
-    res = subprocess.run([sys.executable, "-m", "moecoder", "eval", "run", "--suite", "humaneval", "--backend", "local",
+    res = subprocess.run([sys.executable, "-m", "moecoder", "eval", "run", "--suite", suite, *data, "--backend", "local",
                           "--limit", "2", "--max-tokens", "16", "--generate-only", "--out", str(out)],
                          capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stderr

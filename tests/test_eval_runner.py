@@ -273,3 +273,43 @@ def test_completion_answers_to_prose_and_code_prompts_are_programs(tmp_path):
     assert recs["sub"]["extracted"] == "def sub(a, b):\n    return a - b\n"  # cut at the model's own test
     assert recs["mul"]["extracted"] == "def mul(a, b):\n    return a * b\n"  # prompt + body, cut at "\ndef "
     assert {k: r["status"] for k, r in recs.items()} == {"add": "pass", "sub": "pass", "mul": "pass"}
+
+
+@dataclass
+class ShapedTask(FakeTask):
+    """A prose completion prompt whose continuation is a patch (SWE-bench) or files (workflows)."""
+
+    continues: str = "diff"
+
+    def prompts(self):
+        text = f"TASK={self.task_id}: fix it.\n\n" + ("```diff\n" if self.continues == "diff" else "")
+        prefix = "```diff\n" if self.continues == "diff" else ""
+        stop = ["\n```"] if self.continues == "diff" else []
+        return {"completion": Prompt(self.task_id, text, [], "fake-shaped", stop=stop, code_prefix=prefix,
+                                     continues=self.continues)}
+
+    def evaluate(self, code, sandbox):
+        self.evaluated.append(code)
+        return Verdict(Status.PASS, 1, 1)
+
+
+PATCH = "--- a/m.py\n+++ b/m.py\n@@ -1 +1 @@\n-x = 1\n+x = 2\n"
+
+
+def test_completion_answers_read_as_patches_and_files(tmp_path):
+    """A continuation is read as what its prompt asks for: the diff an open ```diff fence starts, or files."""
+    diff_task = ShapedTask("fix", "fix", [], continues="diff")
+    files_task = ShapedTask("files", "files", [], continues="files")
+    replies = {"fix": Reply(text=PATCH + "```\nThat should do it.", usage=(20, 20)),
+               "files": Reply(text="### m.py\n```python\nx = 2\n```\n", usage=(20, 20))}
+    with FakeOpenAIServer(lambda body, n: replies[re.search(r"TASK=(\w+)", body["prompt"]).group(1)]) as srv:
+        be = OpenAIBackend(model="fake-coder", base_url=srv.url, api_key_env="FAKE_API_KEY", api="completions",
+                           max_retries=0)
+        out = tmp_path
+        cfg = RunConfig(suite="swebench-lite", out_dir=out / "run", template=get_template("completion@1"),
+                        sampling=Sampling(max_tokens=64), samples=1)
+        assert Runner(cfg, be, [diff_task, files_task], prices=prices(out)).run().state == "complete"
+    recs = {r["task_id"]: r for r in load_records(out / "run")}
+    assert recs["fix"]["extracted"] == PATCH and recs["fix"]["status"] == "pass"
+    assert recs["files"]["extracted"] == {"m.py": "x = 2\n"} and recs["files"]["status"] == "pass"
+    assert diff_task.evaluated == [PATCH] and files_task.evaluated == [{"m.py": "x = 2\n"}]

@@ -129,3 +129,12 @@ def test_grading_needs_allow_exec(tmp_path, monkeypatch):
 def test_swebench_needs_data(tmp_path):
     res = CliRunner().invoke(app, ["eval", "run", "--suite", "swebench-lite", "--backend", "openai", "--model", "m"])
     assert isinstance(res.exception, UserError) and "--data" in str(res.exception)
+
+
+def test_completion_prompt_continues_an_open_diff_fence():
+    inst = swebench.SweInstance("o__r-1", "o/r", "abc", "It breaks.")
+    p = inst.prompts()["completion"]
+    assert p.text.endswith("```diff\n") and p.continues == "diff"
+    patch = "--- a/m.py\n+++ b/m.py\n@@ -1 +1 @@\n-x = 1\n+x = 2\n"
+    # The model's continuation is the diff and its closing fence; the prose before it is not part of the patch.
+    assert extract_patch(p.program(patch + "```\nDone.")) == patch

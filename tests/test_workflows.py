@@ -234,6 +234,9 @@ def test_load_workflows_prompts_carry_the_contracts():
     for t in tasks:
         p = t.prompts()["instruction"]
         assert p.messages == [{"role": "user", "content": p.text}] and p.task_id == t.task_id
+        # Completion style: the continuation alone is the answer, read as files (the prompt is prose).
+        c = t.prompts()["completion"]
+        assert c.text == p.text and c.continues == "files" and c.program("### a.py\n") == "### a.py\n"
 
 
 def test_answer_files_are_normalised_before_checks():

@@ -135,9 +135,10 @@ def run_cmd(
         be = make_backend(backend, **kwargs)
     except BackendError as e:
         raise UserError(str(e)) from None
-    if template is None and backend == "local" and suite in ("humaneval", "humaneval+") \
+    if template is None and backend == "local" and suite in ("humaneval", "humaneval+", "mbpp") \
             and not be.tokenizer.has_chat_template:
-        # A base model (no chat template) is asked to continue the function, as HumanEval was designed.
+        # A base model (no chat template) is asked to continue the function, as HumanEval was designed, or to
+        # answer MBPP's original [BEGIN] prompt.
         tmpl = get_template("completion@1")
     run_dir = out or Path("runs") / f"{_slug(suite)}__{_slug(be.model)}"
     finalize = None

@@ -368,21 +368,24 @@ class Runner:
     def _judge(self, it: _Item, gen: Generation) -> tuple[Any, Verdict]:
         if gen.error:
             return None, Verdict(Status.INFRA, syntax_ok=False, detail=gen.error[:300])
-        answer = self.cfg.template.answer
+        answer, text = self.cfg.template.answer, gen.text
+        if answer == "continuation":  # the prompt says what its continuation makes; code is taken as it is
+            answer, text = it.prompt.continues, it.prompt.program(gen.text)
+            answer = "program" if answer == "code" else answer
         extracted: Any
-        if answer == "continuation":
-            extracted = it.prompt.program(gen.text)
+        if answer == "program":
+            extracted = text
         elif answer == "files":
             try:
-                extracted = extract_files(gen.text) or None
+                extracted = extract_files(text) or None
             except UnsafePath as e:
                 return None, Verdict(Status.EXTRACT, syntax_ok=False, detail=str(e))
         elif answer == "diff":
             from moecoder.evals.swebench import extract_patch
 
-            extracted = extract_patch(gen.text)
+            extracted = extract_patch(text)
         else:
-            extracted = extract_code(gen.text, getattr(it.task, "entry_point", None))
+            extracted = extract_code(text, getattr(it.task, "entry_point", None))
         if not extracted:
             return None, Verdict(Status.EXTRACT, syntax_ok=False, detail="no code found in the answer")
         if isinstance(extracted, str) and answer != "diff" and not parses(extracted):

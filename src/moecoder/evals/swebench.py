@@ -54,7 +54,9 @@ class SweInstance:
         msgs = [{"role": "user", "content": body}]
         return {
             "instruction": Prompt(self.task_id, body, msgs, "swebench-instruction"),
-            "completion": Prompt(self.task_id, body + "\n\n```diff\n", msgs, "swebench-completion", stop=["\n```"]),
+            # The continuation is the diff the prompt's open fence starts (read as a patch, not after the prose).
+            "completion": Prompt(self.task_id, body + "\n\n```diff\n", msgs, "swebench-completion@2", stop=["\n```"],
+                                 code_prefix="```diff\n", continues="diff"),
         }
 
     def evaluate(self, code: str | dict[str, str], sandbox: Any) -> Verdict:

@@ -65,6 +65,9 @@ class Prompt:
     # Completion style: the code the continuation extends, prepended to it to make the program. None: the
     # prompt text itself (HumanEval's signature + docstring); "" for a prompt in prose (MBPP's [BEGIN] format).
     code_prefix: str | None = None
+    # Completion style: what the program is read as: "code" (one module, as it is), "files" (### path + fenced
+    # blocks) or "diff" (a patch).
+    continues: str = "code"
 
     def program(self, continuation: str) -> str:
         """The program a completion-style answer makes: code prefix + the continuation cut at the first stop."""

@@ -48,11 +48,13 @@ def single_file(code: str | dict[str, str], main: str) -> dict[str, str]:
 
 
 def make_prompts(task_id: str, text: str) -> dict[str, Prompt]:
-    """Workflows are instruction tasks; the completion style sends the same text unchallenged."""
+    """Workflows are instruction tasks; the completion style sends the same text unchallenged, and the
+    continuation alone is the answer, read as files like an instruction answer."""
     messages = [{"role": "user", "content": text}]
     return {
         "instruction": Prompt(task_id, text, messages, template_id=f"{task_id}-instruction@1"),
-        "completion": Prompt(task_id, text, messages, template_id=f"{task_id}-completion@1"),
+        "completion": Prompt(task_id, text, messages, template_id=f"{task_id}-completion@2", code_prefix="",
+                             continues="files"),
     }
 
 
